@@ -1,0 +1,1 @@
+"""The ``vmferry`` command line: configuration loading, wiring of functions, and the commands."""
