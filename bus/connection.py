@@ -98,7 +98,8 @@ class _ConnectionWatch:
 
     @staticmethod
     async def on_disconnected() -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        # Also fires on a deliberate close(), so it is not a warning by itself.
+        log.info("disconnected from NATS")
 
     @staticmethod
     async def on_reconnected() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from nats.errors import MaxPayloadError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -14,7 +15,6 @@ from vmferry.bus import tracing
 from vmferry.bus.cloudevents import CloudEvent, encode
 from vmferry.bus.errors import PermanentError, RetryableError
 from vmferry.bus.naming import Naming
-from vmferry.schemas.base import EventPayload
 
 _VM_KEY = re.compile(r"^(vm|req)-[A-Za-z0-9_-]{1,64}$")
 
@@ -39,7 +39,7 @@ class Publisher:
 
     async def publish(
         self,
-        event: CloudEvent[EventPayload],
+        event: CloudEvent[Any],
         extra_headers: Mapping[str, str] | None = None,
     ) -> api.PubAck:
         """Publish one event; the id doubles as Nats-Msg-Id so a repeat is dropped as a duplicate."""

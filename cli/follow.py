@@ -1,0 +1,55 @@
+"""Following requests and VMs as they move: `migrate --wait` and `status --watch`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from rich.live import Live
+
+from vmferry.bus.state import StateStore
+from vmferry.cli import output
+from vmferry.schemas.state import TERMINAL_PHASES, VmState
+
+
+async def _request_states(store: StateStore, key: str) -> list[VmState]:
+    request, _ = await store.get(key)
+    if request is None:
+        return []
+    vms = [st for k in request.vm_keys if (st := (await store.get(k))[0]) is not None]
+    return [request, *vms]
+
+
+def settled(states: list[VmState]) -> bool:
+    """A request settles when it failed, or once it has VMs and every VM has finished."""
+    if not states:
+        return False
+    request, vms = states[0], states[1:]
+    if request.phase == "failed":
+        return True
+    return bool(vms) and all(vm.phase in TERMINAL_PHASES for vm in vms)
+
+
+async def follow(store: StateStore, key: str, timeout: float, *, quiet: bool = False) -> list[VmState]:
+    """Show the request and its VMs until they settle or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    states: list[VmState] = []
+    with Live(output.state_table(states), console=output.console, transient=quiet) as live:
+        while time.monotonic() < deadline:
+            states = await _request_states(store, key)
+            live.update(output.state_table(states))
+            if settled(states):
+                break
+            await asyncio.sleep(0.5)
+    return states
+
+
+async def watch_all(store: StateStore, key: str | None) -> None:
+    """Redraw the status table on every change until interrupted."""
+    current: dict[str, VmState] = {}
+    with Live(output.state_table([]), console=output.console) as live:
+        async for state in store.watch():
+            if key and key not in (state.key, state.name, state.request_id):
+                continue
+            current[state.key] = state
+            live.update(output.state_table(sorted(current.values(), key=lambda s: s.key)))
