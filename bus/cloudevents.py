@@ -38,6 +38,11 @@ _REQUIRED = ("id", "source", "type", "specversion")
 class MalformedEventError(PermanentError):
     """A message is not a CloudEvent vmferry understands; the cause says what is wrong."""
 
+    def __init__(self, cause: str, fix: str = "") -> None:
+        super().__init__(
+            cause, fix or "fix the producer: events must follow docs/asyncapi.yaml and docs/schemas/"
+        )
+
 
 @dataclass(frozen=True)
 class CloudEvent(Generic[P]):
@@ -86,7 +91,7 @@ class _Structured(msgspec.Struct, kw_only=True):
     subject: str | None = None
     time: str | None = None
     datacontenttype: str | None = None
-    data: msgspec.Raw | None = None
+    data: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
     data_base64: str | None = None
 
 
@@ -142,10 +147,13 @@ def _attrs_from_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return attrs
 
 
-def decode(headers: Mapping[str, str] | None, body: bytes) -> CloudEvent[EventPayload]:
+def decode(
+    headers: Mapping[str, str] | None, body: bytes, expect: type[EventPayload] | None = None
+) -> CloudEvent[EventPayload]:
     """Decode a message in binary or structured mode into a typed CloudEvent.
 
-    Raises MalformedEventError (permanent) with a cause that names the problem.
+    ``expect`` is the type a consumer's subject carries; another type is refused before its
+    payload is parsed. Raises MalformedEventError (permanent) with a cause that names the problem.
     """
     headers = headers or {}
     content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
@@ -165,6 +173,11 @@ def decode(headers: Mapping[str, str] | None, body: bytes) -> CloudEvent[EventPa
     if attrs["specversion"] != SPEC_VERSION:
         raise MalformedEventError(f"CloudEvents specversion {attrs['specversion']!r} is not 1.0")
     payload_type = resolve_type(attrs["type"])
+    if expect is not None and payload_type is not expect:
+        raise MalformedEventError(
+            f"expected {expect.spec.ce_type} on this subject, got {attrs['type']}",
+            "publish each event type on its own subject: <prefix>.<vm-key>.<event>",
+        )
     content = attrs.get("datacontenttype", JSON)
     if content.split(";")[0].strip().lower() not in (JSON, "text/json"):
         raise MalformedEventError(f"datacontenttype {content!r} is not JSON")
@@ -200,7 +213,7 @@ def _structured_parts(body: bytes) -> tuple[dict[str, str], bytes]:
         for name in ("specversion", "id", "source", "type", "subject", "time", "datacontenttype")
         if isinstance(value := getattr(envelope, name), str)
     }
-    return attrs, bytes(envelope.data) if envelope.data is not None else b"null"
+    return attrs, bytes(envelope.data)
 
 
 def structured(event: CloudEvent[Any]) -> bytes:

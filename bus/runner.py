@@ -132,13 +132,7 @@ class FunctionWorker:
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         event: CloudEvent[EventPayload] | None = None
         try:
-            event = decode(msg.headers, msg.data)
-            if not isinstance(event.data, function.consumes):
-                raise PermanentError(
-                    f"{function.name} consumes {function.consumes.spec.ce_type} but got {event.type}"
-                    f" on {msg.subject}",
-                    "publish each event type on its own subject (<prefix>.<vm-key>.<event>)",
-                )
+            event = decode(msg.headers, msg.data, expect=function.consumes)
             with tracing.consumer_span(
                 f"{msg.subject} process",
                 msg.headers,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import uuid
 from typing import Annotated, Any, ClassVar
@@ -29,7 +30,19 @@ class ContractError(ValueError):
         self.path = path
 
 
-_SECRET_FIELD = re.compile(r"pass(word)?|secret|token|api[_-]?key|private[_-]?key", re.IGNORECASE)
+_SECRET_WORDS = frozenset(
+    {"password", "passwd", "pass", "passphrase", "secret", "token", "apikey", "privatekey"}
+)
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+
+
+def _names_a_secret(field: str) -> bool:
+    """Whole-word match, so ``api_key`` and ``apiKey`` count but ``passes`` or ``bypass`` do not."""
+    words = [w.lower() for w in _WORD.findall(field)]
+    joined_pairs = {a + b for a, b in itertools.pairwise(words)}
+    return bool(_SECRET_WORDS & (set(words) | joined_pairs))
+
+
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 _AT_PATH = re.compile(r" - at `([^`]*)`$")
 
@@ -40,7 +53,7 @@ def explain(error: msgspec.ValidationError | msgspec.DecodeError) -> ContractErr
     path_match = _AT_PATH.search(text)
     path = path_match.group(1) if path_match else "$"
     unknown = _UNKNOWN_FIELD.search(text)
-    if unknown and _SECRET_FIELD.search(unknown.group(1)):
+    if unknown and _names_a_secret(unknown.group(1)):
         text += (
             "; secrets never travel in requests or events: configure the credential on the"
             " functions' side (config file, environment or secret) and refer to it by name"

@@ -66,8 +66,10 @@ async def events_of(
 async def dead_letters(js: JetStreamContext, naming: Naming) -> list[Any]:
     """Every message in the dead-letter stream."""
     info = await js.stream_info(naming.dlq_stream)
-    return [await js.get_msg(naming.dlq_stream, seq) for seq in range(info.state.first_seq, info.state.last_seq + 1)
-            if info.state.messages]  # fmt: skip
+    if not info.state.messages:
+        return []
+    seqs = range(info.state.first_seq, info.state.last_seq + 1)
+    return [await js.get_msg(naming.dlq_stream, seq) for seq in seqs]
 
 
 async def consumer_state(js: JetStreamContext, naming: Naming, function: str) -> api.ConsumerInfo:

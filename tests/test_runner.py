@@ -4,6 +4,7 @@ poison messages, dead letters, deduplication, redelivery after a crash, graceful
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from tests import toychain
-from tests.helpers import consumer_state, dead_letters, eventually, events_of, running
+from tests.helpers import consumer_state, dead_letters, events_of, eventually, running
 from vmferry.bus.cloudevents import encode
 from vmferry.bus.naming import Naming
 from vmferry.bus.provision import provision
@@ -71,7 +72,7 @@ async def test_retryable_errors_back_off_then_succeed(js: JetStreamContext, nami
         await _publish_discovered(js, naming)
         await eventually(lambda: events_of(js, naming, toychain.VM_KEY, SNAP))
     assert toys.calls["snapshot"] == 3
-    gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(seen)]
     assert gaps[0] >= 0.45 and gaps[1] >= 0.95, gaps  # the nak delays of the retry policy
     assert not await events_of(js, naming, toychain.VM_KEY, FAILED)
 
@@ -209,7 +210,7 @@ async def test_crash_mid_handler_is_redelivered(js: JetStreamContext, naming: Na
 
 
 async def _exists(path: Path) -> bool:
-    return path.exists()
+    return await asyncio.to_thread(path.exists)
 
 
 async def test_sigterm_finishes_the_message_in_flight(js: JetStreamContext, naming: Naming, nats_url: str,
@@ -240,5 +241,5 @@ async def test_wrong_stream_config_is_rejected_by_provisioning(js: JetStreamCont
 
 
 async def test_binary_headers_roundtrip(js: JetStreamContext, naming: Naming) -> None:
-    headers, body = encode(toychain.event_of(toychain.discovered(name='ünï code "q"'), "x y%"))
+    headers, _body = encode(toychain.event_of(toychain.discovered(name='ünï code "q"'), "x y%"))
     assert headers["ce-id"] == "x%20y%25" and headers["Nats-Msg-Id"] == "x y%"

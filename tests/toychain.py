@@ -99,7 +99,7 @@ class Toys:
         data = event.data
         disks = data.disks
         if self.oversize:
-            disks = [*disks, ev.DiskInfo(key=1, capacity_bytes=1, label="x" * 200_000)]
+            disks = [*disks, ev.DiskInfo(key=1, capacity_bytes=1, label="x" * 1_100_000)]
         return [Emit(data.vm_key, snapshot_ready(data, d), key=str(d.key)) for d in disks]
 
     async def transfer(self, event: CloudEvent[ev.DiskSnapshotReady], ctx: StepContext) -> Sequence[Emit]:
@@ -138,8 +138,8 @@ async def _child(url: str, prefix: str, mode: str, marker: str) -> None:
     nc = await connect(NatsSettings(servers=(url,)))
     js = nc.jetstream()
     naming = Naming(prefix)
-    runtime = Runtime(js, naming, toys.functions(ack_wait=1.0), await StateStore.open(js, naming.state_bucket),
-                      fetch_timeout=0.2)  # fmt: skip
+    store = await StateStore.open(js, naming.state_bucket)
+    runtime = Runtime(js, naming, toys.functions(ack_wait=1.0), store, fetch_timeout=0.2)
     runtime.install_signal_handlers()
     await runtime.run()
     await nc.close()
