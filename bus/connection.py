@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -83,6 +84,8 @@ def _strip_userinfo(url: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
+_DECISIVE = ("authorization", "authentication", "permissions", "certificate", "ssl", "tls")
+
 ErrorCallback = Callable[[Exception], Awaitable[None]]
 
 
@@ -90,11 +93,20 @@ class _ConnectionWatch:
     """Remembers the last connection error so a failed connect can say why in one line."""
 
     def __init__(self) -> None:
-        self.last_error: Exception | None = None
+        self.errors: list[Exception] = []
 
     async def on_error(self, error: Exception) -> None:
-        self.last_error = error
+        self.errors.append(error)
+        del self.errors[:-10]
         log.warning("NATS connection problem: %s", _one_line(error))
+
+    def telling_error(self) -> Exception | None:
+        """The error that best explains a failed connect: auth and TLS beat a reset socket."""
+        for error in reversed(self.errors):
+            text = _one_line(error).lower()
+            if isinstance(error, ssl.SSLError) or any(w in text for w in _DECISIVE):
+                return error
+        return self.errors[-1] if self.errors else None
 
     @staticmethod
     async def on_disconnected() -> None:
@@ -139,7 +151,8 @@ async def connect(settings: NatsSettings) -> Client:
         "name": settings.name,
         "connect_timeout": settings.connect_timeout,
         "reconnect_time_wait": settings.reconnect_wait,
-        "max_reconnect_attempts": -1,
+        # nats-py applies this to the first connect too: try each server twice, then say why.
+        "max_reconnect_attempts": 1,
         "allow_reconnect": True,
         "error_cb": watch.on_error,
         "disconnected_cb": watch.on_disconnected,
@@ -157,8 +170,13 @@ async def connect(settings: NatsSettings) -> Client:
     tls = settings.tls_context()
     if tls is not None:
         options["tls"] = tls
+    # nats-py can wait forever after a failed TLS handshake, so the whole attempt has a deadline.
+    deadline = 2 * len(settings.servers) * (settings.connect_timeout + settings.reconnect_wait) + 1
     try:
-        client: Client = await nats.connect(**options)  # type: ignore[arg-type]
+        async with asyncio.timeout(deadline):
+            client: Client = await nats.connect(**options)  # type: ignore[arg-type]
     except (NoServersError, OSError, TimeoutError, nats.errors.Error) as exc:
-        raise _explain(settings, watch.last_error or exc) from None
+        raise _explain(settings, watch.telling_error() or exc) from None
+    # Once connected, never give up reconnecting: long-lived consumers must survive outages.
+    client.options["max_reconnect_attempts"] = -1
     return client

@@ -40,6 +40,8 @@ class EmbeddedNats:
     port: int | None = None
     monitor_port: int | None = None
     max_payload: int | None = None
+    #: extra server configuration (auth, TLS), written to a private file rather than argv
+    config: str = ""
     extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -65,10 +67,12 @@ class EmbeddedNats:
             "-l", str(self.data_dir / "nats-server.log"),
             *self.extra_args,
         ]  # fmt: skip
-        if self.max_payload is not None:
-            config = self.data_dir / "limits.conf"
-            config.write_text(f"max_payload: {self.max_payload}\n")
-            args += ["-c", str(config)]
+        config = self.config + (f"\nmax_payload: {self.max_payload}\n" if self.max_payload else "")
+        if config.strip():
+            path = self.data_dir / "server.conf"
+            path.touch(mode=0o600)
+            path.write_text(config)
+            args += ["-c", str(path)]
         self._process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )

@@ -1,6 +1,6 @@
 """Replay: re-drive a VM's migration from its last successful step.
 
-The input of the failed step (or, when nothing failed, the VM's latest event) is published again
+The input of the failed step (or, with ``force``, the VM's latest event) is published again
 under a new id derived from the original id and the replay generation. Running replay twice
 therefore publishes the same id (JetStream drops the duplicate), and the state document's
 compare-and-set lets only one replay of a generation through.
@@ -47,6 +47,11 @@ def _choose_seq(state: VmState, force: bool) -> int:
         raise ReplayRefusedError(f"{state.key} completed; there is nothing to re-drive")
     if state.failure is not None and state.failure.failed_stream_seq:
         return state.failure.failed_stream_seq
+    if not force:
+        raise ReplayRefusedError(
+            f"{state.key} has not failed (phase {state.phase}); its steps may still be running",
+            "if it is stuck (e.g. a consumer was missing), replay with --force to re-drive its last event",
+        )
     if state.last_event_seq:
         return state.last_event_seq
     raise ReplayRefusedError(f"{state.key} has no recorded event to re-drive")
