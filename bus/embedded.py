@@ -5,6 +5,7 @@ Used by ``vmferry up`` on a laptop and by the test fixture; it listens on loopba
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -16,6 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmferry.bus.errors import BusUnavailableError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM the server if vmferry dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def find_binary() -> Path:
@@ -74,7 +84,11 @@ class EmbeddedNats:
             path.write_text(config)
             args += ["-c", str(path)]
         self._process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches us; we stop the server
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only an async-signal-safe prctl runs there
         )
         ports_file = ports_dir / f"nats-server_{self._process.pid}.ports"
         deadline = time.monotonic() + timeout

@@ -85,6 +85,9 @@ async def replay(
     def mark(current: VmState | None) -> VmState | None:
         if current is None or current.replays >= generation:
             return None
+        if current.last_event_seq > state.last_event_seq:
+            # The tracker already saw the re-driven event (or later ones): its phase is truer.
+            return structs.replace(current, replays=generation)
         return structs.replace(current, replays=generation, phase="replaying", failure=None)
 
     await store.update(key, mark)

@@ -18,7 +18,7 @@ RefName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.@-]{1,128}$")]
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
 
 
-class Contract(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Contract(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """Base of every payload: immutable, keyword-only, and strict about unknown fields."""
 
 

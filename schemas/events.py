@@ -26,7 +26,7 @@ def _spec(event: str, version: int = 1) -> EventSpec:
 # Inventory parts carried by vm.discovered
 
 
-class VmIdentity(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class VmIdentity(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """Who the VM is on the source; ``instance_uuid`` is the stable key."""
 
     instance_uuid: NonEmpty
@@ -35,7 +35,7 @@ class VmIdentity(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     name: str
 
 
-class DiskInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class DiskInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """One virtual disk as the source describes it."""
 
     key: int
@@ -53,7 +53,7 @@ class DiskInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     cbt_enabled: bool = False
 
 
-class NicInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class NicInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """One network adapter: its MAC is the identity kept on the destination port."""
 
     key: int
@@ -64,7 +64,7 @@ class NicInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     ip_addresses: list[str] = []
 
 
-class Finding(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Finding(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """A validation result: what is wrong, how bad, and how to fix it."""
 
     code: str
@@ -169,7 +169,9 @@ class CutoverRequested(EventPayload, frozen=True, kw_only=True):
     requested_by: str | None = None
 
 
-class GuestInspection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class GuestInspection(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
     """What conversion found inside the guest; the launch step boots it accordingly."""
 
     os_type: str = ""

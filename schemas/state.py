@@ -27,7 +27,7 @@ Phase = Literal[
 TERMINAL_PHASES: frozenset[str] = frozenset({"completed", "failed"})
 
 
-class StepRecord(msgspec.Struct, frozen=True, kw_only=True):
+class StepRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """The last outcome of one step (function) for this VM."""
 
     status: Literal["done", "failed"]
@@ -37,7 +37,7 @@ class StepRecord(msgspec.Struct, frozen=True, kw_only=True):
     at: datetime
 
 
-class DiskProgress(msgspec.Struct, frozen=True, kw_only=True):
+class DiskProgress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Copy progress and CBT position of one disk."""
 
     change_id: str | None = None
@@ -49,7 +49,7 @@ class DiskProgress(msgspec.Struct, frozen=True, kw_only=True):
     volume_id: str | None = None
 
 
-class FailureRecord(msgspec.Struct, frozen=True, kw_only=True):
+class FailureRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Why the VM stopped, and which input `vmferry replay` re-drives."""
 
     step: str
@@ -62,7 +62,7 @@ class FailureRecord(msgspec.Struct, frozen=True, kw_only=True):
     at: datetime
 
 
-class VmState(msgspec.Struct, frozen=True, kw_only=True):
+class VmState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Everything known about one VM's migration (or one request, for ``req-`` keys)."""
 
     key: str

@@ -1,0 +1,145 @@
+"""The command line end to end, as an operator uses it: `up` in one process, the rest in others."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "sources:\n  vc: {host: 127.0.0.1, user: migrator}\ndestinations:\n  lab: {cloud: vmferry-admin}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMFERRY_")}
+    return env | {
+        "VMFERRY_CONFIG": str(config),
+        "VMFERRY_STATE_DIR": str(tmp_path / "state"),
+        "COLUMNS": "200",
+    }
+
+
+def vmferry(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([*VMFERRY, *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"vmferry {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def as_json(env: dict[str, str], *args: str) -> Any:
+    return json.loads(vmferry(env, "--json", *args).stdout)
+
+
+@pytest.fixture
+def up(cli_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen([*VMFERRY, "up"], env=cli_env, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)  # fmt: skip
+    record = tmp_path / "state" / "embedded.json"
+    deadline = time.monotonic() + 30
+    while not record.exists() or vmferry(cli_env, "status", check=False).returncode != 0:
+        assert process.poll() is None, process.stdout.read() if process.stdout else ""
+        assert time.monotonic() < deadline, "vmferry up did not come up"
+        time.sleep(0.2)
+    yield process
+    if process.poll() is None:
+        process.terminate()  # graceful: `up` stops its embedded server
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stdout:
+        process.stdout.close()
+
+
+def wait_for_phase(env: dict[str, str], key: str, phase: str, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = as_json(env, "status", key) if _known(env, key) else []
+        if states and states[0]["phase"] == phase:
+            return dict(states[0])
+        time.sleep(0.2)
+    raise AssertionError(f"{key} never reached {phase}")
+
+
+def _known(env: dict[str, str], key: str) -> bool:
+    return any(s["key"] == key for s in as_json(env, "status"))
+
+
+def test_up_migrate_status_events_replay(cli_env: dict[str, str], up: subprocess.Popen[str],
+                                         tmp_path: Path) -> None:  # fmt: skip
+    submitted = as_json(cli_env, "migrate", "--source", "vc", "--destination", "lab", "--vm", "web 01",
+                        "--network", "VM Network=private", "--request-id", "cli1")  # fmt: skip
+    assert submitted == {"request_id": "cli1", "key": "req-cli1", "duplicate": False}
+    again = as_json(cli_env, "migrate", "--source", "vc", "--destination", "lab", "--vm", "web 01",
+                    "--network", "VM Network=private", "--request-id", "cli1")  # fmt: skip
+    assert again["duplicate"] is True
+
+    state = wait_for_phase(cli_env, "req-cli1", "accepted")
+    assert state["steps"]["intake"]["status"] == "done"
+    history = as_json(cli_env, "events", "req-cli1")
+    assert [e["type"] for e in history] == [
+        "io.vmferry.migration.requested.v1",
+        "io.vmferry.migration.accepted.v1",
+    ]
+    assert history[0]["data"]["request"]["vms"] == [{"name": "web 01"}]
+    human = vmferry(cli_env, "events", "req-cli1").stdout
+    assert "migration.accepted" in human and "intake" in human
+
+    as_json(
+        cli_env, "migrate", "--source", "vc-typo", "--destination", "lab", "--vm", "x", "--request-id", "cli2"
+    )
+    failed = wait_for_phase(cli_env, "req-cli2", "failed")
+    assert "'vc-typo'" in failed["failure"]["cause"] and failed["failure"]["fix"]
+    detail = vmferry(cli_env, "status", "req-cli2").stdout
+    assert "fix:" in detail and "vmferry replay req-cli2" in detail
+    replayed = as_json(cli_env, "replay", "req-cli2")
+    assert replayed["generation"] == 1 and replayed["key"] == "req-cli2"
+    wait_for_phase(cli_env, "req-cli2", "failed")
+    types = [e["type"] for e in as_json(cli_env, "events", "req-cli2")]
+    assert types.count("io.vmferry.migration.requested.v1") == 2  # the original and the replayed copy
+
+    up.send_signal(signal.SIGTERM)
+    assert up.wait(30) == 0
+    assert not (tmp_path / "state" / "embedded.json").exists()
+
+
+def test_errors_are_one_line_with_a_fix(cli_env: dict[str, str]) -> None:
+    bad_request = vmferry(cli_env, "migrate", "--vm", "x", "--destination", "lab", check=False)
+    assert bad_request.returncode == 2
+    assert "invalid migration request" in bad_request.stderr and "`source`" in bad_request.stderr
+    no_server = vmferry(cli_env | {"VMFERRY_NATS_URL": "nats://127.0.0.1:9"}, "status", check=False)
+    assert no_server.returncode == 2
+    assert "cannot reach NATS at nats://127.0.0.1:9" in no_server.stderr and "fix:" in no_server.stderr
+    not_up = vmferry(cli_env, "--json", "status", check=False)
+    assert not_up.returncode == 2 and "vmferry up" in json.loads(not_up.stdout)["fix"]
+    bad_pair = vmferry(cli_env, "migrate", "--source", "vc", "--destination", "lab", "--vm", "x",
+                       "--network", "novalue", check=False)  # fmt: skip
+    assert bad_pair.returncode == 2 and "SOURCE=TARGET" in bad_pair.stderr
+
+
+def test_request_file_and_secret_refusal(cli_env: dict[str, str], tmp_path: Path) -> None:
+    request = tmp_path / "request.yaml"
+    request.write_text("request_id: f1\nsource: {name: vc, password: hunter2}\ndestination: {cloud: lab}\n"
+                       "vms: [{name: a}]\n")  # fmt: skip
+    refused = vmferry(cli_env, "migrate", "-f", str(request), check=False)
+    assert refused.returncode == 2
+    assert "secrets never travel" in refused.stderr and "hunter2" not in refused.stderr
+
+
+def test_demo_runs(cli_env: dict[str, str]) -> None:
+    summary = as_json(cli_env, "demo")
+    assert summary["accepted"] == "accepted" and summary["rejected"] == "failed"
+    assert "no-such-vcenter" in summary["rejection"]
