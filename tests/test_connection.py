@@ -97,7 +97,7 @@ async def test_tls_verified_with_ca_file(tmp_path: Path) -> None:
         nc = await connect(NatsSettings(servers=(url,), tls_ca_file=ca))
         assert nc.is_connected
         await nc.close()
-        with pytest.raises(BusUnavailableError, match="TLS|certificate|cannot reach"):
+        with pytest.raises(BusUnavailableError, match=r"TLS|certificate|cannot reach"):
             await connect(NatsSettings(servers=(url,), connect_timeout=2))  # system CAs don't know it
 
 

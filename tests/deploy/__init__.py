@@ -1,0 +1,1 @@
+"""Tests of the container image definition and the deployment manifests."""
