@@ -65,6 +65,25 @@ async def test_token(tmp_path: Path) -> None:
             await connect(NatsSettings(servers=(server.url,), token=Secret("nope")))
 
 
+# A public test key pair from the NATS documentation; the test checks they belong together.
+NKEY_SEED = "SUACSSL3UAHUDXKFSNVUZRF5UHPMWZ6BFDTJ7M6USDXIEDNPPQYYYCU3VY"
+NKEY_USER = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4"
+
+
+async def test_nkey_seed_file(tmp_path: Path) -> None:
+    seed = tmp_path / "user.nk"
+    seed.write_text(NKEY_SEED + "\n")
+    seed.chmod(0o600)
+    with EmbeddedNats(
+        tmp_path / "srv", config=f"authorization {{ users: [ {{ nkey: {NKEY_USER} }} ] }}\n"
+    ) as server:
+        nc = await connect(NatsSettings(servers=(server.url,), nkey_seed_file=seed))
+        assert nc.is_connected
+        await nc.close()
+        with pytest.raises(BusUnavailableError, match="refused the credentials"):
+            await connect(NatsSettings(servers=(server.url,)))
+
+
 def _make_tls(folder: Path) -> tuple[Path, Path, Path]:
     ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem"))
     run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)  # noqa: E731
