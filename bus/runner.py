@@ -129,7 +129,12 @@ class FunctionWorker:
         """Handle one message end to end; every outcome acks, naks or terminates it."""
         function = self._function
         delivery = msg.metadata.num_delivered or 1
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        # Most handlers finish before the first heartbeat is due: start the heartbeat task only then.
+        heartbeats: list[asyncio.Task[None]] = []
+        timer = asyncio.get_running_loop().call_later(
+            function.heartbeat_interval,
+            lambda: heartbeats.append(asyncio.ensure_future(self._heartbeat(msg))),
+        )
         event: CloudEvent[EventPayload] | None = None
         try:
             event = decode(msg.headers, msg.data, expect=function.consumes)
@@ -139,7 +144,7 @@ class FunctionWorker:
                 {"messaging.consumer.group.name": function.name, "cloudevents.id": event.id},
             ):
                 emits = await function.handler(event, _Context(msg, delivery, function.name))
-                await self._publish(event, emits)
+                await self._publish(event, emits, tracing.carried(msg.headers))
         except PermanentError as error:
             await self._give_up(msg, event, error, delivery)
             return
@@ -156,18 +161,22 @@ class FunctionWorker:
             await msg.nak(delay=delay)
             return
         finally:
-            heartbeat.cancel()
+            timer.cancel()
+            for heartbeat in heartbeats:
+                heartbeat.cancel()
         # The follow-up events are durably stored before the input is acknowledged; a lost ack
         # only causes a redelivery whose outputs the stream drops as duplicates (same ids).
         await msg.ack()
 
     async def _heartbeat(self, msg: Msg) -> None:
         while True:
-            await asyncio.sleep(self._function.heartbeat_interval)
             with contextlib.suppress(Exception):
                 await msg.in_progress()
+            await asyncio.sleep(self._function.heartbeat_interval)
 
-    async def _publish(self, event: CloudEvent[EventPayload], emits: Sequence[Emit]) -> None:
+    async def _publish(
+        self, event: CloudEvent[EventPayload], emits: Sequence[Emit], trace_headers: dict[str, str]
+    ) -> None:
         function = self._function
         for emit in emits:
             if not isinstance(emit.data, function.emits):
@@ -184,7 +193,8 @@ class FunctionWorker:
                     subject=emit.vm_key,
                     data=emit.data,
                     extensions={"causationid": event.id},
-                )
+                ),
+                trace_headers,
             )
 
     async def _give_up(

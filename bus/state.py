@@ -52,27 +52,33 @@ class StateStore:
             return None, entry.revision or 0
         return _DECODER.decode(entry.value), entry.revision or 0
 
-    async def update(self, key: str, mutate: Mutation) -> VmState | None:
+    async def update(
+        self, key: str, mutate: Mutation, known: tuple[VmState | None, int] | None = None
+    ) -> tuple[VmState | None, int]:
         """Apply ``mutate`` to the current document and write it back with compare-and-set.
 
         On a conflict the document is re-read and ``mutate`` applied again, so ``mutate`` must be
         a pure function of its input. Returning None (or the same document) writes nothing.
+        ``known`` is a (document, revision) the caller believes current; it saves the first read
+        and is simply corrected by the conflict when stale. Returns the document and revision.
         """
         for attempt in range(self._max_attempts):
-            current, revision = await self.get(key)
+            current, revision = known if known is not None else await self.get(key)
+            known = None
             wanted = mutate(current)
             if wanted is None or wanted == current:
-                return current
+                return current, revision
             wanted = msgspec.structs.replace(wanted, updated_at=datetime.now(UTC))
             try:
                 if revision == 0:
-                    await self._kv.create(key, _ENCODER.encode(wanted))
+                    revision = await self._kv.create(key, _ENCODER.encode(wanted))
                 else:
-                    await self._kv.update(key, _ENCODER.encode(wanted), last=revision)
+                    revision = await self._kv.update(key, _ENCODER.encode(wanted), last=revision)
             except KeyWrongLastSequenceError:
-                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))  # noqa: S311
+                if attempt:  # the first conflict may only mean a stale ``known``: retry at once
+                    await asyncio.sleep(random.uniform(0, 0.005 * attempt))  # noqa: S311
                 continue
-            return wanted
+            return wanted, revision
         raise StateConflictError(f"state of {key} changed under {self._max_attempts} attempts")
 
     async def history(self, key: str) -> list[VmState]:

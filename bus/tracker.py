@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 Fold = Callable[[VmState], VmState]
 
+#: How many documents the tracker remembers (with their revision) to skip a read per batch.
+_KNOWN_KEYS = 20_000
+
 _PHASE_OF: dict[type[EventPayload], Phase] = {
     ev.MigrationRequested: "requested",
     ev.MigrationAccepted: "accepted",
@@ -148,6 +151,7 @@ class Tracker:
         self._batch = batch
         self._fetch_timeout = fetch_timeout
         self._stopping = asyncio.Event()
+        self._known: dict[str, tuple[VmState | None, int]] = {}
 
     def stop(self) -> None:
         """Stop after the current batch."""
@@ -200,4 +204,7 @@ class Tracker:
                 state = f(state)
             return state
 
-        await self._store.update(key, mutate)
+        # The tracker writes most revisions itself, so its last write is usually still current.
+        self._known[key] = await self._store.update(key, mutate, self._known.pop(key, None))
+        while len(self._known) > _KNOWN_KEYS:
+            self._known.pop(next(iter(self._known)))
