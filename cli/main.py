@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -135,6 +136,34 @@ def run(ctx: Ctx, function: str) -> None:
         _run(main())
     except KeyError as exc:
         raise FerryError(str(exc.args[0]), "see `vmferry up --help` for the function list") from None
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port to listen on.")
+@click.option("-f", "--function", "functions", multiple=True, help="Also handle these functions' events.")
+@command
+def serve(ctx: Ctx, host: str, port: int, functions: tuple[str, ...]) -> None:
+    """HTTP CloudEvents endpoint: migration requests into NATS; hosted functions' events handled."""
+    from aiohttp import web  # noqa: PLC0415 - only this command needs the web server
+
+    from vmferry.bus.http import HttpReceiver  # noqa: PLC0415
+
+    async def main() -> None:
+        hosted = registry_for(ctx.settings).select(functions) if functions else []
+        async with session(ctx.settings) as s:
+            runner = web.AppRunner(HttpReceiver(s.nc, s.naming, hosted).app())
+            await runner.setup()
+            await web.TCPSite(runner, host, port).start()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            log.warning("serving CloudEvents on http://%s:%d/ (prefix %s)", host, port, s.naming.prefix)
+            await stop.wait()
+            await runner.cleanup()
+
+    _run(main())
 
 
 @cli.command("provision")
