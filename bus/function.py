@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from vmferry.bus.cloudevents import CloudEvent
+from vmferry.bus.errors import PermanentError
 from vmferry.schemas.base import EventPayload
 
 P = TypeVar("P", bound=EventPayload)
@@ -83,6 +84,15 @@ class FunctionDef(Generic[P]):
             raise ValueError(f"function name {self.name!r} must be letters, digits and '-'")
         if self.max_deliver < 1 or self.concurrency < 1 or self.ack_wait <= 0:
             raise ValueError(f"function {self.name}: max_deliver, concurrency and ack_wait must be > 0")
+
+    def check_emits(self, emits: Sequence[Emit]) -> None:
+        """Refuse the whole batch if any event is of a type the function did not declare."""
+        for emit in emits:
+            if not isinstance(emit.data, self.emits):
+                raise PermanentError(
+                    f"{self.name} emitted {emit.data.spec.ce_type}, which it does not declare",
+                    "add the type to the function's `emits` or fix the handler",
+                )
 
     @property
     def heartbeat_interval(self) -> float:

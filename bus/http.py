@@ -24,7 +24,7 @@ from vmferry.bus.cloudevents import CloudEvent, MalformedEventError, decode, der
 from vmferry.bus.errors import FerryError, PermanentError, RetryableError
 from vmferry.bus.function import Emit, FunctionDef
 from vmferry.bus.naming import Naming
-from vmferry.bus.publisher import Publisher, source_of
+from vmferry.bus.publisher import Publisher, follow_up, source_of
 from vmferry.schemas.base import EventPayload
 from vmferry.schemas.events import MigrationFailed, MigrationRequested
 
@@ -114,6 +114,7 @@ class HttpReceiver:
     async def _handle(self, function: FunctionDef[Any], event: CloudEvent[EventPayload]) -> web.Response:
         try:
             emits = await function.handler(event, _HttpContext(function.name))
+            function.check_emits(emits)
             published = [await self._emit(function, event, e) for e in emits]
         except RetryableError as error:
             return _error(503, error)
@@ -126,17 +127,7 @@ class HttpReceiver:
         return web.json_response({"handled_by": function.name, "published": published}, status=200)
 
     async def _emit(self, function: FunctionDef[Any], event: CloudEvent[EventPayload], emit: Emit) -> str:
-        if not isinstance(emit.data, function.emits):
-            raise PermanentError(f"{function.name} emitted an undeclared {emit.data.spec.ce_type}")
-        out_type = emit.data.spec.ce_type
-        out = CloudEvent(
-            id=derived_id(event.id, out_type, emit.vm_key, emit.key),
-            type=out_type,
-            source=source_of(function.name),
-            subject=emit.vm_key,
-            data=emit.data,
-            extensions={"causationid": event.id},
-        )
+        out = follow_up(function.name, event, emit)
         await self._publisher.publish(out)
         return out.id
 

@@ -12,8 +12,9 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import NoStreamResponseError
 
 from vmferry.bus import tracing
-from vmferry.bus.cloudevents import CloudEvent, encode
+from vmferry.bus.cloudevents import CloudEvent, derived_id, encode
 from vmferry.bus.errors import PermanentError, RetryableError
+from vmferry.bus.function import Emit
 from vmferry.bus.naming import Naming
 
 _VM_KEY = re.compile(r"^(vm|req)-[A-Za-z0-9_-]{1,64}$")
@@ -22,6 +23,20 @@ _VM_KEY = re.compile(r"^(vm|req)-[A-Za-z0-9_-]{1,64}$")
 def source_of(function: str) -> str:
     """The CloudEvents ``source`` of events a function emits."""
     return f"/vmferry/functions/{function}"
+
+
+def follow_up(function: str, cause: CloudEvent[Any], emit: Emit) -> CloudEvent[Any]:
+    """The event a function publishes for ``emit``; its id is derived from the input's id, so a
+    redelivered input yields the same ids and the stream drops the repeats."""
+    out_type = emit.data.spec.ce_type
+    return CloudEvent(
+        id=derived_id(cause.id, out_type, emit.vm_key, emit.key),
+        type=out_type,
+        source=source_of(function),
+        subject=emit.vm_key,
+        data=emit.data,
+        extensions={"causationid": cause.id},
+    )
 
 
 def function_of(source: str) -> str:

@@ -19,13 +19,13 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from vmferry.bus import tracing
-from vmferry.bus.cloudevents import CloudEvent, decode, derived_id
+from vmferry.bus.cloudevents import CloudEvent, decode
 from vmferry.bus.deadletter import DeadLetters
 from vmferry.bus.errors import FerryError, PermanentError, RetryableError
 from vmferry.bus.function import Emit, FunctionDef
 from vmferry.bus.naming import Naming
 from vmferry.bus.provision import require_consumer
-from vmferry.bus.publisher import Publisher, source_of
+from vmferry.bus.publisher import Publisher, follow_up
 from vmferry.schemas.base import EventPayload
 
 log = logging.getLogger(__name__)
@@ -177,25 +177,9 @@ class FunctionWorker:
     async def _publish(
         self, event: CloudEvent[EventPayload], emits: Sequence[Emit], trace_headers: dict[str, str]
     ) -> None:
-        function = self._function
+        self._function.check_emits(emits)  # all or nothing: no half-published batch
         for emit in emits:
-            if not isinstance(emit.data, function.emits):
-                raise PermanentError(
-                    f"{function.name} emitted {emit.data.spec.ce_type}, which it does not declare",
-                    "add the type to the function's `emits` or fix the handler",
-                )
-            out_type = emit.data.spec.ce_type
-            await self._publisher.publish(
-                CloudEvent(
-                    id=derived_id(event.id, out_type, emit.vm_key, emit.key),
-                    type=out_type,
-                    source=source_of(function.name),
-                    subject=emit.vm_key,
-                    data=emit.data,
-                    extensions={"causationid": event.id},
-                ),
-                trace_headers,
-            )
+            await self._publisher.publish(follow_up(self._function.name, event, emit), trace_headers)
 
     async def _give_up(
         self, msg: Msg, event: CloudEvent[EventPayload] | None, error: Exception, delivery: int
