@@ -63,6 +63,7 @@ from vmferry.schemas.events import (
     VmIdentity,
     VolumeSynced,
 )
+from vmferry.schemas.request import DestinationRef, MigrationPlan, SourceRef
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PROFILES_DIR = RESULTS_DIR / "profiles"
@@ -85,6 +86,7 @@ STAGES: tuple[type[EventPayload], ...] = (
 FUNCTIONS = ("snapshot", "transfer", "convert", "launch", "complete")
 STEPS = len(FUNCTIONS)
 REQUEST_ID = "bench-wave-1"
+PLAN = MigrationPlan(source=SourceRef(name="vcenter-lab"), destination=DestinationRef(cloud="lab"))
 SEED_SOURCE = "/bench/seed"
 _NAMESPACE = uuid.UUID("0b6a52f4-6c1e-4b59-8c7e-2f4b0d8f3a10")
 GIB = 1024**3
@@ -135,9 +137,10 @@ def vm_workload(index: int) -> VmWorkload:
     volume_id = _uuid("volume", index)
     server_id = _uuid("server", index)
     common: dict[str, Any] = {"request_id": REQUEST_ID, "vm_key": key}
+    planned: dict[str, Any] = {**common, "plan": PLAN}
     payloads: tuple[EventPayload, ...] = (
         VmDiscovered(
-            **common,
+            **planned,
             identity=VmIdentity(instance_uuid=instance_uuid, name=name, moref=f"vm-{1000 + index}"),
             cpus=2,
             memory_mib=4096,
@@ -148,7 +151,7 @@ def vm_workload(index: int) -> VmWorkload:
             nics=[nic],
         ),
         DiskSnapshotReady(
-            **common,
+            **planned,
             pass_no=0,
             snapshot_moref=f"snapshot-{index}",
             disk=disk,
@@ -156,7 +159,7 @@ def vm_workload(index: int) -> VmWorkload:
             change_id=change_id,
         ),
         VolumeSynced(
-            **common,
+            **planned,
             pass_no=0,
             disk_key=2000,
             disk_count=1,
@@ -167,7 +170,7 @@ def vm_workload(index: int) -> VmWorkload:
             verified=True,
         ),
         ConversionDone(
-            **common,
+            **planned,
             volume_ids=[volume_id],
             inspection=GuestInspection(
                 os_type="linux",

@@ -11,7 +11,7 @@ from typing import Annotated, ClassVar, Literal
 import msgspec
 
 from vmferry.schemas.base import EventPayload, EventSpec, NonEmpty, RequestId, VmKey
-from vmferry.schemas.request import MigrationRequest
+from vmferry.schemas.request import MigrationPlan, MigrationRequest
 
 TYPE_PREFIX = "io.vmferry."
 Bytes = Annotated[int, msgspec.Meta(ge=0)]
@@ -99,6 +99,7 @@ class VmDiscovered(EventPayload, frozen=True, kw_only=True):
     spec: ClassVar[EventSpec] = _spec("vm.discovered")
     request_id: RequestId
     vm_key: VmKey
+    plan: MigrationPlan
     identity: VmIdentity
     cpus: Annotated[int, msgspec.Meta(ge=1)]
     memory_mib: Annotated[int, msgspec.Meta(ge=1)]
@@ -122,8 +123,10 @@ class DiskSnapshotReady(EventPayload, frozen=True, kw_only=True):
     spec: ClassVar[EventSpec] = _spec("disk.snapshot.ready")
     request_id: RequestId
     vm_key: VmKey
+    plan: MigrationPlan
     pass_no: PassNo
     final: bool = False
+    vm_moref: str | None = None
     snapshot_moref: str | None = None
     disk: DiskInfo
     disk_count: Annotated[int, msgspec.Meta(ge=1)]
@@ -139,6 +142,7 @@ class VolumeSynced(EventPayload, frozen=True, kw_only=True):
     spec: ClassVar[EventSpec] = _spec("volume.synced")
     request_id: RequestId
     vm_key: VmKey
+    plan: MigrationPlan
     pass_no: PassNo
     final: bool = False
     disk_key: int
@@ -156,6 +160,7 @@ class CbtDeltaRequested(EventPayload, frozen=True, kw_only=True):
     spec: ClassVar[EventSpec] = _spec("cbt.delta.requested")
     request_id: RequestId
     vm_key: VmKey
+    plan: MigrationPlan
     pass_no: PassNo
     reason: Literal["schedule", "manual", "cutover"] = "schedule"
 
@@ -166,6 +171,7 @@ class CutoverRequested(EventPayload, frozen=True, kw_only=True):
     spec: ClassVar[EventSpec] = _spec("cutover.requested")
     request_id: RequestId
     vm_key: VmKey
+    plan: MigrationPlan
     requested_by: str | None = None
 
 
@@ -188,6 +194,7 @@ class ConversionDone(EventPayload, frozen=True, kw_only=True):
     spec: ClassVar[EventSpec] = _spec("conversion.done")
     request_id: RequestId
     vm_key: VmKey
+    plan: MigrationPlan
     volume_ids: list[NonEmpty]
     inspection: GuestInspection
     log_ref: str | None = None

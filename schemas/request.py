@@ -42,7 +42,8 @@ class VmSelector(Contract, frozen=True, kw_only=True):
 
     name: NonEmpty | None = None
     folder: NonEmpty | None = None
-    moref: Annotated[str, msgspec.Meta(pattern=r"^vm-[0-9]+$")] | None = None
+    #: vCenter morefs look like vm-42; a standalone ESXi host numbers its VMs: 42
+    moref: Annotated[str, msgspec.Meta(pattern=r"^(vm-)?[0-9]+$")] | None = None
     instance_uuid: (
         Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")] | None
     ) = None
@@ -160,3 +161,29 @@ class MigrationRequest(Contract, frozen=True, kw_only=True):
                     "flavor_policy 'explicit' needs mappings.flavors for every VM, selected by name;"
                     f" missing: {', '.join(missing) or 'VMs selected by folder, moref or uuid'}"
                 )
+
+
+class MigrationPlan(Contract, frozen=True, kw_only=True):
+    """What every step of one VM's migration needs from its request: all of it but the VM list.
+
+    VM-level events carry it, so each function is a pure function of its input event.
+    """
+
+    source: SourceRef
+    destination: DestinationRef
+    mode: Mode = "cold"
+    mappings: Mappings = Mappings()
+    cutover: CutoverPolicy = CutoverPolicy()
+    options: MigrationOptions = MigrationOptions()
+
+    @classmethod
+    def of(cls, request: MigrationRequest) -> MigrationPlan:
+        """The plan of a request."""
+        return cls(
+            source=request.source,
+            destination=request.destination,
+            mode=request.mode,
+            mappings=request.mappings,
+            cutover=request.cutover,
+            options=request.options,
+        )

@@ -111,8 +111,8 @@ def test_up_migrate_status_events_replay(cli_env: dict[str, str], up: subprocess
     types = [e["type"] for e in as_json(cli_env, "events", "req-cli2")]
     assert types.count("io.vmferry.migration.requested.v1") == 2  # the original and the replayed copy
 
-    waited = as_json(cli_env, "migrate", "--wait", "--timeout", "20", "--source", "nope", "--destination", "lab",
-                     "--vm", "y", "--request-id", "cli3")  # fmt: skip
+    waited = as_json(cli_env, "migrate", "--wait", "--timeout", "20", "--source", "nope",
+                     "--destination", "lab", "--vm", "y", "--request-id", "cli3")  # fmt: skip
     assert waited[0]["key"] == "req-cli3" and waited[0]["phase"] == "failed"
 
     up.send_signal(signal.SIGTERM)

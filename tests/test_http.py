@@ -11,7 +11,7 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from tests.helpers import eventually, events_of, running
+from tests.helpers import events_of, eventually, running
 from vmferry.bus.cloudevents import encode, structured
 from vmferry.bus.http import HttpReceiver
 from vmferry.bus.naming import Naming
@@ -38,7 +38,7 @@ async def endpoint(nc: Client, naming: Naming, request: pytest.FixtureRequest) -
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
@@ -78,7 +78,9 @@ async def test_structured_mode_and_bad_input(js: JetStreamContext, naming: Namin
 
 
 @pytest.mark.parametrize("endpoint", [["intake"]], indirect=True)
-async def test_hosted_function_runs_the_same_handler(js: JetStreamContext, naming: Naming, endpoint: str) -> None:
+async def test_hosted_function_runs_the_same_handler(
+    js: JetStreamContext, naming: Naming, endpoint: str
+) -> None:
     async with running(js, naming, []):
         status, answer = await _post(endpoint, *_request_event("h4"))
         assert status == 200 and answer["handled_by"] == "intake"

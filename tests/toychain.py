@@ -24,9 +24,11 @@ from vmferry.bus.runtime import Runtime
 from vmferry.bus.state import StateStore
 from vmferry.schemas import events as ev
 from vmferry.schemas.base import vm_key_for
+from vmferry.schemas.request import DestinationRef, MigrationPlan, SourceRef
 
 UUID = "4207aa1b-2c3d-4e5f-8a9b-0c1d2e3f4a5b"
 VM_KEY = vm_key_for(UUID)
+PLAN = MigrationPlan(source=SourceRef(name="vc"), destination=DestinationRef(cloud="lab"))
 
 
 def discovered(vm_key: str = VM_KEY, name: str = "web 01", request_id: str = "r1") -> ev.VmDiscovered:
@@ -34,6 +36,7 @@ def discovered(vm_key: str = VM_KEY, name: str = "web 01", request_id: str = "r1
     return ev.VmDiscovered(
         request_id=request_id,
         vm_key=vm_key,
+        plan=PLAN,
         identity=ev.VmIdentity(instance_uuid=UUID, name=name, moref="vm-42"),
         cpus=2,
         memory_mib=2048,
@@ -46,6 +49,7 @@ def snapshot_ready(data: ev.VmDiscovered, disk: ev.DiskInfo) -> ev.DiskSnapshotR
     return ev.DiskSnapshotReady(
         request_id=data.request_id,
         vm_key=data.vm_key,
+        plan=data.plan,
         pass_no=1,
         disk=disk,
         disk_count=len(data.disks),
@@ -58,6 +62,7 @@ def volume_synced(data: ev.DiskSnapshotReady) -> ev.VolumeSynced:
     return ev.VolumeSynced(
         request_id=data.request_id,
         vm_key=data.vm_key,
+        plan=data.plan,
         pass_no=data.pass_no,
         disk_key=data.disk.key,
         disk_count=data.disk_count,

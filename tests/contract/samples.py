@@ -28,6 +28,7 @@ from vmferry.schemas.request import (
     DestinationRef,
     Mappings,
     MigrationOptions,
+    MigrationPlan,
     MigrationRequest,
     NetworkTarget,
     SourceRef,
@@ -67,12 +68,15 @@ DISK = DiskInfo(
     cbt_enabled=True,
 )
 
+PLAN = MigrationPlan.of(REQUEST)
+
 EVENTS: dict[type[EventPayload], EventPayload] = {
     MigrationRequested: MigrationRequested(request=REQUEST),
     MigrationAccepted: MigrationAccepted(request=REQUEST, warnings=["VM selectors repeated"]),
     VmDiscovered: VmDiscovered(
         request_id=REQUEST_ID,
         vm_key=VM_KEY,
+        plan=PLAN,
         identity=VmIdentity(instance_uuid=INSTANCE_UUID, moref="vm-42", name="web 01"),
         cpus=2,
         memory_mib=4096,
@@ -85,6 +89,7 @@ EVENTS: dict[type[EventPayload], EventPayload] = {
     DiskSnapshotReady: DiskSnapshotReady(
         request_id=REQUEST_ID,
         vm_key=VM_KEY,
+        plan=PLAN,
         pass_no=1,
         snapshot_moref="snapshot-7",
         disk=DISK,
@@ -95,6 +100,7 @@ EVENTS: dict[type[EventPayload], EventPayload] = {
     VolumeSynced: VolumeSynced(
         request_id=REQUEST_ID,
         vm_key=VM_KEY,
+        plan=PLAN,
         pass_no=1,
         disk_key=2000,
         disk_count=1,
@@ -104,11 +110,14 @@ EVENTS: dict[type[EventPayload], EventPayload] = {
         bytes_total=10 * 2**30,
         verified=True,
     ),
-    CbtDeltaRequested: CbtDeltaRequested(request_id=REQUEST_ID, vm_key=VM_KEY, pass_no=2, reason="manual"),
-    CutoverRequested: CutoverRequested(request_id=REQUEST_ID, vm_key=VM_KEY, requested_by="ops"),
+    CbtDeltaRequested: CbtDeltaRequested(
+        request_id=REQUEST_ID, vm_key=VM_KEY, plan=PLAN, pass_no=2, reason="manual"
+    ),
+    CutoverRequested: CutoverRequested(request_id=REQUEST_ID, vm_key=VM_KEY, plan=PLAN, requested_by="ops"),
     ConversionDone: ConversionDone(
         request_id=REQUEST_ID,
         vm_key=VM_KEY,
+        plan=PLAN,
         volume_ids=["0b1e7c3a-volume"],
         inspection=GuestInspection(os_type="linux", distro="debian", version="12", root_device="/dev/vda1"),
     ),

@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.conftest import missing_component
+from tests.vsphere.lab import Lab
+from vmferry.adapters.vsphere.client import VsphereClient
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-vcsim"
@@ -167,3 +169,22 @@ def vcsim(vcsim_binary: Path, tmp_path: Path) -> Iterator[VcsimServer]:
             pytest.fail(f"vcsim-ferry exited during the test ({process.returncode}):\n{log.read_text()}")
     finally:
         _stop(process)
+
+
+@pytest.fixture
+def lab(vcsim: VcsimServer) -> Iterator[Lab]:
+    """A builder session on the simulator; at the end no vmferry snapshot may be left anywhere."""
+    builder = Lab(vcsim)
+    try:
+        yield builder
+        left = builder.vmferry_snapshots()
+        assert left == [], f"vmferry snapshots left behind: {left}"
+    finally:
+        builder.close()
+
+
+@pytest.fixture
+def client(lab: Lab) -> Iterator[VsphereClient]:
+    """The adapter's client, connected to the simulator with verified TLS."""
+    with VsphereClient(lab.settings()) as connected:
+        yield connected
