@@ -30,6 +30,15 @@ _HEADER_UNSAFE = re.compile(r"[\r\n\x00-\x1f\x7f]")
 UNROUTABLE_KEY = "vm-unroutable"
 
 
+#: MigrationFailed.cause and .fix hold at most 4096 characters (the contract's NonEmpty)
+_TEXT_LIMIT = 4000
+
+
+def clip(text: str) -> str:
+    """Keep a cause or fix within the contract's limit, saying that it was cut."""
+    return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 15] + " [... clipped]"
+
+
 def _header_value(text: str) -> str:
     return _HEADER_UNSAFE.sub(" ", text)[:1024]
 
@@ -87,8 +96,8 @@ class DeadLetters:
             request_id=_request_id(event),
             vm_key=vm_key,
             step=function,
-            cause=cause,
-            fix=fix,
+            cause=clip(cause),
+            fix=clip(fix),
             retryable=retryable,
             failed_event_id=event.id if event else None,
             failed_event_type=event.type if event else None,

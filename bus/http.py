@@ -21,6 +21,7 @@ from aiohttp import web
 from nats.aio.client import Client
 
 from vmferry.bus.cloudevents import CloudEvent, MalformedEventError, decode, derived_id
+from vmferry.bus.deadletter import clip
 from vmferry.bus.errors import FerryError, PermanentError, RetryableError
 from vmferry.bus.function import Emit, FunctionDef
 from vmferry.bus.naming import Naming
@@ -142,8 +143,8 @@ class HttpReceiver:
             request_id=str(request_id),
             vm_key=event.subject,
             step=function.name,
-            cause=error.cause,
-            fix=error.fix,
+            cause=clip(error.cause),
+            fix=clip(error.fix),
             retryable=False,
             failed_event_id=event.id,
             failed_event_type=event.type,
