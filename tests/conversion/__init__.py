@@ -1,0 +1,1 @@
+"""Tests of the guest-conversion adapter (argument building, classification, real conversions)."""
