@@ -18,6 +18,7 @@ from platformdirs import user_config_path, user_state_path
 
 from vmferry.bus.connection import NatsSettings, Secret
 from vmferry.bus.errors import FerryError
+from vmferry.bus.provision import Limits
 
 ENV_PREFIX = "VMFERRY_"
 
@@ -59,6 +60,14 @@ class DestinationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     conversion_host_id: str | None = None
 
 
+class _StreamsFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    #: 3 on a three-node NATS cluster
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    duplicate_window_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    event_max_age_days: Annotated[float, msgspec.Meta(gt=0)] = 90.0
+    state_history: Annotated[int, msgspec.Meta(ge=10, le=64)] = 16
+
+
 class _FunctionFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
 
@@ -69,6 +78,7 @@ class _ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     sources: dict[str, SourceConfig] = {}
     destinations: dict[str, DestinationConfig] = {}
     functions: dict[str, _FunctionFile] = {}
+    streams: _StreamsFile = msgspec.field(default_factory=_StreamsFile)
     state_dir: str | None = None
 
 
@@ -84,6 +94,7 @@ class Settings:
     concurrency: dict[str, int] = field(default_factory=dict)
     state_dir: Path = field(default_factory=lambda: user_state_path("vmferry"))
     config_file: Path | None = None
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def embedded_record(self) -> Path:
@@ -170,6 +181,12 @@ def load(
         concurrency={k: v.concurrency for k, v in data.functions.items() if v.concurrency},
         state_dir=state_dir,
         config_file=path if path.exists() else None,
+        limits=Limits(
+            duplicate_window_s=data.streams.duplicate_window_s,
+            event_max_age_s=data.streams.event_max_age_days * 24 * 3600,
+            state_history=data.streams.state_history,
+            replicas=data.streams.replicas,
+        ),
     )
 
 

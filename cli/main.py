@@ -173,7 +173,7 @@ def provision_cmd(ctx: Ctx) -> None:
 
     async def main() -> None:
         async with session(ctx.settings) as s:
-            changes = await provision(s.js, s.naming, registry_for(ctx.settings))
+            changes = await provision(s.js, s.naming, registry_for(ctx.settings), ctx.settings.limits)
         if ctx.json:
             output.emit_json([{"kind": c.kind, "name": c.name, "action": c.action} for c in changes])
             return

@@ -49,7 +49,7 @@ async def run_stack(
         async with session(settings) as s:
             registry = registry_for(settings)
             selected = registry.select(functions)
-            await provision(s.js, s.naming, registry)
+            await provision(s.js, s.naming, registry, settings.limits)
             runtime = Runtime(s.js, s.naming, selected, await s.store())
             runtime.install_signal_handlers()
             if announce:

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from vmferry.cli.config import ConfigError, load
+
 VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
 
 
@@ -147,3 +149,13 @@ def test_demo_runs(cli_env: dict[str, str]) -> None:
     summary = as_json(cli_env, "demo")
     assert summary["accepted"] == "accepted" and summary["rejected"] == "failed"
     assert "no-such-vcenter" in summary["rejection"]
+
+
+def test_stream_limits_come_from_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("streams: {replicas: 3, duplicate_window_s: 600, event_max_age_days: 7}\n")
+    limits = load(config, env={}).limits
+    assert (limits.replicas, limits.duplicate_window_s, limits.event_max_age_s) == (3, 600, 7 * 24 * 3600)
+    config.write_text("streams: {replicas: 9}\n")
+    with pytest.raises(ConfigError, match=r"replicas"):
+        load(config, env={})
