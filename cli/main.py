@@ -230,6 +230,52 @@ def migrate(ctx: Ctx, request_file: Path | None, wait: bool, timeout: float, **f
 
 
 @cli.command()
+@click.option("-f", "--file", "request_file", type=click.Path(path_type=Path), help="Request YAML/JSON.")
+@click.option("--source", help="Configured vSphere source name.")
+@click.option("--vm", "vm_names", multiple=True, help="VM by name (repeatable).")
+@click.option("--vm-uuid", "vm_uuids", multiple=True, help="VM by instanceUuid (repeatable).")
+@click.option("--vm-moref", "vm_morefs", multiple=True, help="VM by moref (repeatable).")
+@click.option("--folder", "folders", multiple=True, help="All VMs of a folder (repeatable).")
+@click.option("--mode", type=click.Choice(["cold", "warm"]), help="Validate for a cold or warm migration.")
+@command
+def validate(ctx: Ctx, request_file: Path | None, **flags: Any) -> None:
+    """Dry run: read the VMs from vSphere and print every finding with its fix; changes nothing.
+
+    Exits 1 when a blocker is found, so scripts can gate on it.
+    """
+    from vmferry.cli.vsphere import validate as run_validation  # noqa: PLC0415 - loads pyvmomi
+
+    document = load_request_file(request_file) if request_file else {}
+    document.setdefault("destination", {"cloud": "validation-only"})
+    request = build_request(document, **flags)
+    sys.exit(_run(run_validation(ctx.settings, request, ctx.json)))
+
+
+@cli.command()
+@click.option("--source", required=True, help="Configured vSphere source name.")
+@click.option("--request-id", help="Only this request's snapshots.")
+@click.option("--sweep", "remove", is_flag=True, help="Remove them (default: only list).")
+@click.option("--older-than", "older_than_hours", type=float, help="With --sweep: only older than N hours.")
+@command
+def snapshots(
+    ctx: Ctx, source: str, request_id: str | None, remove: bool, older_than_hours: float | None
+) -> None:
+    """List vmferry's snapshots on a vSphere source, or sweep stale ones away."""
+    from vmferry.cli.vsphere import snapshots as run_snapshots  # noqa: PLC0415 - loads pyvmomi
+
+    _run(
+        run_snapshots(
+            ctx.settings,
+            source,
+            request_id=request_id,
+            older_than_hours=older_than_hours,
+            remove=remove,
+            as_json=ctx.json,
+        )
+    )
+
+
+@cli.command()
 @click.argument("key", required=False)
 @click.option("--watch", is_flag=True, help="Keep showing changes until interrupted.")
 @command

@@ -19,6 +19,11 @@ console = Console()
 errors = Console(stderr=True)
 
 
+def to_plain(value: Any) -> Any:
+    """A contract value as plain JSON-compatible data."""
+    return msgspec.to_builtins(value)
+
+
 def emit_json(value: Any) -> None:
     """Write one JSON document to stdout."""
     sys.stdout.write(msgspec.json.encode(msgspec.to_builtins(value)).decode() + "\n")

@@ -20,6 +20,7 @@ from vmferry.bus.cloudevents import CloudEvent
 from vmferry.bus.errors import FerryError, PermanentError
 from vmferry.bus.function import Emit, FunctionDef, StepContext
 from vmferry.schemas.events import Finding, MigrationAccepted, VmDiscovered
+from vmferry.schemas.request import MigrationRequest
 
 #: a connected vSphere client for a configured source name
 ClientFactory = Callable[[str], Awaitable[AsyncVsphere]]
@@ -87,17 +88,20 @@ class Discover:
             report = PrivilegeReport(answered=False, note=error.cause)
         return _Privileges(report, samples)
 
-    async def __call__(self, event: CloudEvent[MigrationAccepted], context: StepContext) -> Sequence[Emit]:
-        """Discover, validate, and emit one vm.discovered per selected VM."""
-        request = event.data.request
+    async def inspect(self, request: MigrationRequest) -> list[tuple[DiscoveredVm, list[Finding]]]:
+        """Every selected VM with all its findings; changes nothing (also `vmferry validate`)."""
         client = await self.clients(request.source.name)
         found = await client.discover(request)
         privileges = await self._privileges(client, found)
+        return [
+            (vm, validate(vm, request.mode, request.options) + privileges.findings_for(vm)) for vm in found
+        ]
+
+    async def __call__(self, event: CloudEvent[MigrationAccepted], context: StepContext) -> Sequence[Emit]:
+        """Discover, validate, and emit one vm.discovered per selected VM."""
         emits: list[Emit] = []
         blocked: list[tuple[DiscoveredVm, list[Finding]]] = []
-        for vm in found:
-            findings = validate(vm, request.mode, request.options)
-            findings += privileges.findings_for(vm)
+        for vm, findings in await self.inspect(event.data.request):
             blocking = blockers(findings)
             if blocking:
                 blocked.append((vm, blocking))

@@ -77,6 +77,10 @@ class AsyncVsphere:
         """What to copy of one disk in one pass."""
         return await self.run(snapshots.changed_areas, vm_moref, snapshot_moref, disk, base_change_id)
 
+    async def list_vmferry_snapshots(self, request_id: str | None = None) -> list[snapshots.VmferrySnapshot]:
+        """Every vmferry snapshot on this endpoint (of one request, if given)."""
+        return await self.run(snapshots.list_vmferry_snapshots, request_id)
+
     async def sweep(self, **options: Any) -> list[snapshots.VmferrySnapshot]:
         """Remove stale vmferry snapshots (see ``snapshots.sweep``)."""
         return await self.run(snapshots.sweep, **options)
