@@ -228,8 +228,6 @@ def test_an_expired_session_mid_run_is_replaced(lab: Lab, client: VsphereClient)
     write(lab.flat_file(first.disks[0].backing_file), MIB, b"changed")
     lab.terminate(_session_key(client))  # e.g. vCenter's idle timeout during a long first copy
 
-    # Not QueryChangedDiskAreas first: for an unauthenticated call vcsim-ferry answers with a fault
-    # naming its internal object type, which pyvmomi cannot decode (see the report); vCenter does not.
     second = take(client, vm, 2, require_change_ids=True, previous_recorded=True)
     assert client.login_generation == 2
     delta = changed_areas(
@@ -237,9 +235,18 @@ def test_an_expired_session_mid_run_is_replaced(lab: Lab, client: VsphereClient)
     )
     assert list(delta.areas) == blocks_of([(MIB, 7)], lab.vcsim.block_size)
 
+    # QueryChangedDiskAreas as the first call after an expiry: the fault must name VirtualMachine
+    # (vcsim-ferry's redirect must not leak its endpoint type), so the client logs in again.
+    lab.terminate(_session_key(client))
+    again = changed_areas(
+        client, vm._moId, second.snapshot_moref, second.disk(key), first.disk(key).change_id
+    )
+    assert again.areas == delta.areas
+    assert client.login_generation == 3
+
     lab.terminate(_session_key(client))
     assert release_pass(client, vm._moId, "req-1", 2) == 1
-    assert client.login_generation == 3
+    assert client.login_generation == 4
     assert lab.vmferry_snapshots() == []
 
 

@@ -50,13 +50,38 @@ func (r *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		w.WriteHeader(http.StatusBadRequest)
 		return
 	}
+	redirected := false
 	if bytes.Contains(body, []byte("QueryChangedDiskAreas")) {
-		body = r.redirect(body)
+		rewritten := r.redirect(body)
+		redirected = !bytes.Equal(rewritten, body)
+		body = rewritten
 	}
 	req.Body = io.NopCloser(bytes.NewReader(body))
 	req.ContentLength = int64(len(body))
-	r.service.ServeSDK(w, req)
+	if !redirected {
+		r.service.ServeSDK(w, req)
+		return
+	}
+	// A fault about the redirected call (e.g. NotAuthenticated after a session expired) names the
+	// endpoint's type, which clients cannot decode: give them back the VirtualMachine they called.
+	captured := &capture{header: w.Header(), status: http.StatusOK}
+	r.service.ServeSDK(captured, req)
+	out := bytes.ReplaceAll(captured.body.Bytes(), []byte(`"`+endpointType+`"`), []byte(`"VirtualMachine"`))
+	w.Header().Del("Content-Length")
+	w.WriteHeader(captured.status)
+	_, _ = w.Write(out)
 }
+
+// capture buffers a response so it can be corrected before it is sent.
+type capture struct {
+	header http.Header
+	status int
+	body   bytes.Buffer
+}
+
+func (c *capture) Header() http.Header         { return c.header }
+func (c *capture) WriteHeader(status int)      { c.status = status }
+func (c *capture) Write(b []byte) (int, error) { return c.body.Write(b) }
 
 // redirect rewrites `<_this type="VirtualMachine">vm-N</_this>` to the endpoint type.
 // Anything else (another method, a VM that does not exist, a body vcsim cannot decode)
