@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
@@ -58,7 +57,6 @@ class NatsSettings:
     name: str = "vmferry"
     connect_timeout: float = 5.0
     reconnect_wait: float = 2.0
-    extra: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         """The server list, without credentials, for messages."""
@@ -85,8 +83,6 @@ def _strip_userinfo(url: str) -> str:
 
 
 _DECISIVE = ("authorization", "authentication", "permissions", "certificate", "ssl", "tls")
-
-ErrorCallback = Callable[[Exception], Awaitable[None]]
 
 
 class _ConnectionWatch:
