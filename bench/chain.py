@@ -138,18 +138,20 @@ def vm_workload(index: int) -> VmWorkload:
     server_id = _uuid("server", index)
     common: dict[str, Any] = {"request_id": REQUEST_ID, "vm_key": key}
     planned: dict[str, Any] = {**common, "plan": PLAN}
+    discovered = VmDiscovered(
+        **planned,
+        identity=VmIdentity(instance_uuid=instance_uuid, name=name, moref=f"vm-{1000 + index}"),
+        cpus=2,
+        memory_mib=4096,
+        guest_id="rhel9_64Guest",
+        power_state="poweredOn",
+        host="esxi-01.lab",
+        disks=[disk],
+        nics=[nic],
+    )
+    planned["vm"] = discovered.inventory()
     payloads: tuple[EventPayload, ...] = (
-        VmDiscovered(
-            **planned,
-            identity=VmIdentity(instance_uuid=instance_uuid, name=name, moref=f"vm-{1000 + index}"),
-            cpus=2,
-            memory_mib=4096,
-            guest_id="rhel9_64Guest",
-            power_state="poweredOn",
-            host="esxi-01.lab",
-            disks=[disk],
-            nics=[nic],
-        ),
+        discovered,
         DiskSnapshotReady(
             **planned,
             pass_no=0,

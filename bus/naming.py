@@ -38,6 +38,16 @@ class Naming:
         return f"{self.prefix.replace('-', '_')}_state"
 
     @property
+    def checkpoint_bucket(self) -> str:
+        """The KV bucket of copy checkpoints (which extents of a disk pass are durably written)."""
+        return f"{self.prefix.replace('-', '_')}_checkpoints"
+
+    @property
+    def log_bucket(self) -> str:
+        """The object store keeping full logs of long steps (conversion), linked from events."""
+        return f"{self.prefix.replace('-', '_')}_logs"
+
+    @property
     def events_wildcard(self) -> str:
         """All events of all VMs."""
         return f"{self.prefix}.>"

@@ -40,7 +40,7 @@ class Limits:
 class Change:
     """One thing provisioning looked at and what it did."""
 
-    kind: Literal["stream", "bucket", "consumer"]
+    kind: Literal["stream", "bucket", "objects", "consumer"]
     name: str
     action: Action
 
@@ -194,6 +194,43 @@ async def _ensure_bucket(js: JetStreamContext, naming: Naming, limits: Limits) -
     return Change("bucket", bucket, "unchanged")
 
 
+async def _ensure_checkpoint_bucket(js: JetStreamContext, naming: Naming, limits: Limits) -> Change:
+    bucket = naming.checkpoint_bucket
+    try:
+        await js.stream_info(f"KV_{bucket}")
+    except NotFoundError:
+        await js.create_key_value(
+            api.KeyValueConfig(
+                bucket=bucket,
+                description="vmferry copy checkpoints (resume after a crash)",
+                history=1,
+                storage=api.StorageType.FILE,
+                replicas=limits.replicas,
+            )
+        )
+        return Change("bucket", bucket, "created")
+    return Change("bucket", bucket, "unchanged")
+
+
+async def _ensure_log_store(js: JetStreamContext, naming: Naming, limits: Limits) -> Change:
+    bucket = naming.log_bucket
+    try:
+        await js.stream_info(f"OBJ_{bucket}")
+    except NotFoundError:
+        await js.create_object_store(
+            bucket,
+            api.ObjectStoreConfig(
+                bucket=bucket,
+                description="vmferry logs of long steps (conversion), linked from events",
+                storage=api.StorageType.FILE,
+                replicas=limits.replicas,
+                ttl=limits.event_max_age_s,
+            ),
+        )
+        return Change("objects", bucket, "created")
+    return Change("objects", bucket, "unchanged")
+
+
 async def provision(
     js: JetStreamContext,
     naming: Naming,
@@ -204,6 +241,8 @@ async def provision(
     limits = limits or Limits()
     changes = [await _ensure_stream(js, config) for config in stream_configs(naming, limits)]
     changes.append(await _ensure_bucket(js, naming, limits))
+    changes.append(await _ensure_checkpoint_bucket(js, naming, limits))
+    changes.append(await _ensure_log_store(js, naming, limits))
     for stream, config in system_consumer_configs(naming, limits):
         changes.append(await _ensure_consumer(js, stream, config))
     for function in functions:

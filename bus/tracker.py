@@ -42,6 +42,7 @@ _PHASE_OF: dict[type[EventPayload], Phase] = {
     ev.VmDiscovered: "discovered",
     ev.DiskSnapshotReady: "snapshotting",
     ev.VolumeSynced: "syncing",
+    ev.VmSynced: "synced",
     ev.CbtDeltaRequested: "snapshotting",
     ev.CutoverRequested: "cutover",
     ev.ConversionDone: "converted",

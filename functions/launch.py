@@ -1,13 +1,11 @@
 """launch: boots the converted VM on OpenStack and reports it ACTIVE.
 
-It consumes ``conversion.done`` and emits ``instance.created``: a boot-from-volume server with the
-root disk first and data volumes in source order, one port per NIC in NIC order (source MACs and,
-when asked, fixed IPs), the source identity in server metadata, and the flavor the plan's policy
-picks. Everything is found by identity before it is created, so a redelivery creates nothing twice.
-
-``conversion.done`` does not carry the VM's inventory (cpus, memory, firmware, disks, NICs), so the
-handler gets it from an injected ``inventory`` lookup (e.g. the VM's ``vm.discovered`` from the
-state store) until the event carries it.
+It consumes ``conversion.done`` and emits ``instance.created`` and ``migration.completed``: a
+boot-from-volume server with the root disk first and data volumes in source order, one port per NIC
+in NIC order (source MACs and, when asked, fixed IPs), the source identity in server metadata, and
+the flavor the plan's policy picks. The VM's inventory (cpus, memory, firmware, disks, NICs) travels
+with the event. Everything is found by identity before it is created, so a redelivery creates
+nothing twice.
 """
 
 from __future__ import annotations
@@ -22,13 +20,11 @@ from vmferry.adapters.openstack.model import VmSpec
 from vmferry.bus.cloudevents import CloudEvent
 from vmferry.bus.errors import PermanentError
 from vmferry.bus.function import Emit, FunctionDef, StepContext
-from vmferry.schemas.events import ConversionDone, InstanceCreated
+from vmferry.schemas.events import ConversionDone, InstanceCreated, MigrationCompleted
 from vmferry.schemas.request import DestinationRef
 
 #: an adapter for a configured destination (clouds.yaml entry, project, region)
 AdapterFactory = Callable[[DestinationRef], Awaitable[OpenStackAdapter]]
-#: the VM's inventory for a conversion.done event
-Inventory = Callable[[ConversionDone], Awaitable[VmSpec]]
 
 
 @dataclass(frozen=True)
@@ -36,7 +32,6 @@ class Launch:
     """The handler; dependencies are injected by whoever builds the registry."""
 
     adapters: AdapterFactory
-    inventory: Inventory
     #: extra specs every picked flavor must carry (e.g. an AZ's or host aggregate's)
     required_extra_specs: Mapping[str, str] = field(default_factory=dict)
     active_timeout: float = 900.0
@@ -46,11 +41,7 @@ class Launch:
         done = event.data
         if not done.volume_ids:
             raise PermanentError(f"conversion.done for {done.vm_key} lists no volumes", "re-run the copy")
-        spec = await self.inventory(done)
-        if spec.vm_key != done.vm_key:
-            raise PermanentError(
-                f"inventory returned {spec.vm_key} for {done.vm_key}", "fix the inventory lookup"
-            )
+        spec = VmSpec.of_inventory(done.vm_key, done.vm)
         if done.inspection.os_type and not spec.os_type:
             spec = dataclasses.replace(spec, os_type=done.inspection.os_type)
         adapter = await self.adapters(done.plan.destination)
@@ -66,7 +57,10 @@ class Launch:
             port_ids=list(made.port_ids),
             volume_ids=list(made.volume_ids),
         )
-        return [Emit(done.vm_key, created)]
+        completed = MigrationCompleted(
+            request_id=done.request_id, vm_key=done.vm_key, server_id=made.server_id, passes=done.pass_no
+        )
+        return [Emit(done.vm_key, created), Emit(done.vm_key, completed)]
 
 
 def definition(handler: Launch, concurrency: int | None = None) -> FunctionDef[ConversionDone]:
@@ -74,7 +68,7 @@ def definition(handler: Launch, concurrency: int | None = None) -> FunctionDef[C
     return FunctionDef(
         name="launch",
         consumes=ConversionDone,
-        emits=(InstanceCreated,),
+        emits=(InstanceCreated, MigrationCompleted),
         handler=handler,
         concurrency=concurrency or 4,
         ack_wait=120.0,

@@ -73,6 +73,14 @@ def vm_key_for(instance_uuid: str) -> str:
     return f"vm-{parsed.hex}"
 
 
+def instance_uuid_of(vm_key: str) -> str:
+    """The instanceUuid a VM key was derived from (the inverse of ``vm_key_for``)."""
+    try:
+        return str(uuid.UUID(vm_key.removeprefix("vm-")))
+    except ValueError as exc:
+        raise ContractError(f"{vm_key!r} is not a VM key (vm-<32 hex digits>)", "$.vm_key") from exc
+
+
 def request_key_for(request_id: str) -> str:
     """Return the subject key under which request-level events (before discovery) are filed."""
     if not _TOKEN.match(request_id):

@@ -73,6 +73,37 @@ class Finding(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     fix: str
 
 
+class VmInventory(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """What later steps need to know about the source VM; it travels with every VM-level event
+    after discovery so each function stays a pure function of its input."""
+
+    identity: VmIdentity
+    cpus: Annotated[int, msgspec.Meta(ge=1)]
+    memory_mib: Annotated[int, msgspec.Meta(ge=1)]
+    firmware: Literal["bios", "efi"] = "bios"
+    secure_boot: bool = False
+    guest_id: str = ""
+    guest_name: str = ""
+    disks: list[DiskInfo] = []
+    nics: list[NicInfo] = []
+
+    def disk(self, key: int) -> DiskInfo:
+        """The disk with this device key."""
+        for disk in self.disks:
+            if disk.key == key:
+                return disk
+        raise KeyError(f"VM {self.identity.name!r} has no disk with key {key}")
+
+
+class SyncedVolume(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One disk's replica after a pass."""
+
+    disk_key: int
+    volume_id: NonEmpty
+    change_id: str | None = None
+    bytes_copied: Bytes = 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Events
 
@@ -116,6 +147,20 @@ class VmDiscovered(EventPayload, frozen=True, kw_only=True):
     snapshots: list[str] = []
     findings: list[Finding] = []
 
+    def inventory(self) -> VmInventory:
+        """The part of the discovery later steps carry along."""
+        return VmInventory(
+            identity=self.identity,
+            cpus=self.cpus,
+            memory_mib=self.memory_mib,
+            firmware=self.firmware,
+            secure_boot=self.secure_boot,
+            guest_id=self.guest_id,
+            guest_name=self.guest_name,
+            disks=self.disks,
+            nics=self.nics,
+        )
+
 
 class DiskSnapshotReady(EventPayload, frozen=True, kw_only=True):
     """One disk of a VM is frozen in a snapshot (one snapshot covers all disks of a pass)."""
@@ -124,16 +169,16 @@ class DiskSnapshotReady(EventPayload, frozen=True, kw_only=True):
     request_id: RequestId
     vm_key: VmKey
     plan: MigrationPlan
+    vm: VmInventory
     pass_no: PassNo
     final: bool = False
     vm_moref: str | None = None
     snapshot_moref: str | None = None
     disk: DiskInfo
     disk_count: Annotated[int, msgspec.Meta(ge=1)]
-    #: changeId of the disk at this snapshot; None when CBT is off (full copy every pass)
+    #: changeId of the disk at this snapshot; None when CBT is off (full copy every pass). The
+    #: changeId the replica holds is read from the replica itself, so a lost event cannot skew it.
     change_id: str | None = None
-    #: changeId the destination already holds; None means copy everything allocated
-    base_change_id: str | None = None
 
 
 class VolumeSynced(EventPayload, frozen=True, kw_only=True):
@@ -143,6 +188,7 @@ class VolumeSynced(EventPayload, frozen=True, kw_only=True):
     request_id: RequestId
     vm_key: VmKey
     plan: MigrationPlan
+    vm: VmInventory
     pass_no: PassNo
     final: bool = False
     disk_key: int
@@ -152,6 +198,20 @@ class VolumeSynced(EventPayload, frozen=True, kw_only=True):
     bytes_copied: Bytes = 0
     bytes_total: Bytes = 0
     verified: bool = False
+
+
+class VmSynced(EventPayload, frozen=True, kw_only=True):
+    """Every disk of a VM is synced for one pass; the pass's snapshot has been released."""
+
+    spec: ClassVar[EventSpec] = _spec("vm.synced")
+    request_id: RequestId
+    vm_key: VmKey
+    plan: MigrationPlan
+    vm: VmInventory
+    pass_no: PassNo
+    final: bool = False
+    #: one per disk, in the VM's disk order
+    volumes: Annotated[list[SyncedVolume], msgspec.Meta(min_length=1)]
 
 
 class CbtDeltaRequested(EventPayload, frozen=True, kw_only=True):
@@ -195,6 +255,10 @@ class ConversionDone(EventPayload, frozen=True, kw_only=True):
     request_id: RequestId
     vm_key: VmKey
     plan: MigrationPlan
+    vm: VmInventory
+    #: the final pass the converted volumes come from (= how many passes the migration took)
+    pass_no: PassNo = 0
+    #: the converted volumes, in the VM's disk order (root first as the guest sees it)
     volume_ids: list[NonEmpty]
     inspection: GuestInspection
     log_ref: str | None = None
@@ -248,6 +312,7 @@ EVENT_TYPES: tuple[type[EventPayload], ...] = (
     VmDiscovered,
     DiskSnapshotReady,
     VolumeSynced,
+    VmSynced,
     CbtDeltaRequested,
     CutoverRequested,
     ConversionDone,

@@ -49,6 +49,14 @@ class DiskProgress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     volume_id: str | None = None
 
 
+class StepProgress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How far a long step other than a disk copy (e.g. conversion) has come."""
+
+    percent: float = 0.0
+    detail: str = ""
+    at: datetime | None = None
+
+
 class FailureRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Why the VM stopped, and which input `vmferry replay` re-drives."""
 
@@ -62,6 +70,37 @@ class FailureRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     at: datetime
 
 
+class SyncedDisk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One disk's outcome in a pass."""
+
+    volume_id: str
+    change_id: str | None = None
+    bytes_copied: int = 0
+
+
+class PassSync(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Which disks finished the current pass; the join that emits ``vm.synced`` keeps it."""
+
+    pass_no: int
+    final: bool = False
+    disk_count: int
+    #: disk key (as text) -> volume id, change id and bytes of that disk's volume.synced
+    volumes: dict[str, SyncedDisk] = {}
+    #: the disk whose volume.synced completed the pass (only its delivery emits vm.synced)
+    completed_by: int | None = None
+
+
+class SourcePower(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """vmferry powered the source VM off for cutover; kept so a later failure can power it back on."""
+
+    source: str
+    instance_uuid: str
+    powered_off_at: datetime
+    power_on_on_failure: bool = True
+    #: set when the source was powered on again after a failure
+    restored_at: datetime | None = None
+
+
 class VmState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Everything known about one VM's migration (or one request, for ``req-`` keys)."""
 
@@ -72,7 +111,13 @@ class VmState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     pass_no: int = 0
     steps: dict[str, StepRecord] = {}
     disks: dict[str, DiskProgress] = {}
+    #: step name -> progress of long steps that are not disk copies (conversion)
+    progress: dict[str, StepProgress] = {}
     vm_keys: list[str] = []
+    sync: PassSync | None = None
+    #: passes completed for every disk (the next precopy pass is this + 1)
+    passes_synced: int = 0
+    source_power: SourcePower | None = None
     failure: FailureRecord | None = None
     replays: int = 0
     last_event_type: str = ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vmferry.schemas.events import DiskInfo, NicInfo, VmDiscovered
+from vmferry.schemas.events import DiskInfo, NicInfo, VmDiscovered, VmInventory
 
 #: metadata keys vmferry writes on every volume, port description and server it creates
 VM_KEY = "vmferry_vm"
@@ -32,9 +32,14 @@ class VmSpec:
     @classmethod
     def of(cls, vm: VmDiscovered) -> VmSpec:
         """The spec of a discovered VM."""
+        return cls.of_inventory(vm.vm_key, vm.inventory())
+
+    @classmethod
+    def of_inventory(cls, vm_key: str, vm: VmInventory) -> VmSpec:
+        """The spec of a VM from the inventory its events carry."""
         guest = vm.guest_id.lower()
         return cls(
-            vm_key=vm.vm_key,
+            vm_key=vm_key,
             name=vm.identity.name,
             cpus=vm.cpus,
             memory_mib=vm.memory_mib,

@@ -19,8 +19,11 @@ from vmferry.schemas.events import (
     MigrationFailed,
     MigrationRequested,
     NicInfo,
+    SyncedVolume,
     VmDiscovered,
     VmIdentity,
+    VmInventory,
+    VmSynced,
     VolumeSynced,
 )
 from vmferry.schemas.request import (
@@ -69,6 +72,15 @@ DISK = DiskInfo(
 )
 
 PLAN = MigrationPlan.of(REQUEST)
+INVENTORY = VmInventory(
+    identity=VmIdentity(instance_uuid=INSTANCE_UUID, moref="vm-42", name="web 01"),
+    cpus=2,
+    memory_mib=4096,
+    firmware="efi",
+    guest_id="debian12_64Guest",
+    disks=[DISK],
+    nics=[NicInfo(key=4000, mac="00:50:56:aa:bb:cc", network="VM Network", ip_addresses=["10.0.0.5"])],
+)
 
 EVENTS: dict[type[EventPayload], EventPayload] = {
     MigrationRequested: MigrationRequested(request=REQUEST),
@@ -90,17 +102,18 @@ EVENTS: dict[type[EventPayload], EventPayload] = {
         request_id=REQUEST_ID,
         vm_key=VM_KEY,
         plan=PLAN,
+        vm=INVENTORY,
         pass_no=1,
         snapshot_moref="snapshot-7",
         disk=DISK,
         disk_count=1,
         change_id="52 d4 6a 7c/12",
-        base_change_id="52 d4 6a 7c/8",
     ),
     VolumeSynced: VolumeSynced(
         request_id=REQUEST_ID,
         vm_key=VM_KEY,
         plan=PLAN,
+        vm=INVENTORY,
         pass_no=1,
         disk_key=2000,
         disk_count=1,
@@ -110,6 +123,15 @@ EVENTS: dict[type[EventPayload], EventPayload] = {
         bytes_total=10 * 2**30,
         verified=True,
     ),
+    VmSynced: VmSynced(
+        request_id=REQUEST_ID,
+        vm_key=VM_KEY,
+        plan=PLAN,
+        vm=INVENTORY,
+        pass_no=2,
+        final=True,
+        volumes=[SyncedVolume(disk_key=2000, volume_id="0b1e7c3a-volume", change_id="52 d4 6a 7c/12")],
+    ),
     CbtDeltaRequested: CbtDeltaRequested(
         request_id=REQUEST_ID, vm_key=VM_KEY, plan=PLAN, pass_no=2, reason="manual"
     ),
@@ -118,6 +140,8 @@ EVENTS: dict[type[EventPayload], EventPayload] = {
         request_id=REQUEST_ID,
         vm_key=VM_KEY,
         plan=PLAN,
+        vm=INVENTORY,
+        pass_no=2,
         volume_ids=["0b1e7c3a-volume"],
         inspection=GuestInspection(os_type="linux", distro="debian", version="12", root_device="/dev/vda1"),
     ),

@@ -27,8 +27,17 @@ from vmferry.adapters.openstack.model import CHANGE_ID_KEY, PASS_KEY, VmSpec
 from vmferry.bus.cloudevents import CloudEvent
 from vmferry.bus.errors import PermanentError
 from vmferry.functions import launch as launch_fn
-from vmferry.schemas.base import vm_key_for
-from vmferry.schemas.events import ConversionDone, DiskInfo, GuestInspection, InstanceCreated, NicInfo
+from vmferry.schemas.base import instance_uuid_of, vm_key_for
+from vmferry.schemas.events import (
+    ConversionDone,
+    DiskInfo,
+    GuestInspection,
+    InstanceCreated,
+    MigrationCompleted,
+    NicInfo,
+    VmIdentity,
+    VmInventory,
+)
 from vmferry.schemas.request import (
     DestinationRef,
     Mappings,
@@ -152,6 +161,7 @@ def conversion_done(spec: VmSpec, plan: MigrationPlan, volume_ids: list[str]) ->
         request_id="req-1",
         vm_key=spec.vm_key,
         plan=plan,
+        vm=inventory_of(spec),
         volume_ids=volume_ids,
         inspection=GuestInspection(os_type="linux"),
     )
@@ -160,14 +170,24 @@ def conversion_done(spec: VmSpec, plan: MigrationPlan, volume_ids: list[str]) ->
     )
 
 
+def inventory_of(spec: VmSpec) -> VmInventory:
+    """The inventory a conversion.done carries for this spec."""
+    return VmInventory(
+        identity=VmIdentity(instance_uuid=instance_uuid_of(spec.vm_key), name=spec.name),
+        cpus=spec.cpus,
+        memory_mib=spec.memory_mib,
+        firmware=spec.firmware,
+        secure_boot=spec.secure_boot,
+        disks=list(spec.disks),
+        nics=list(spec.nics),
+    )
+
+
 def handler(adapter: OpenStackAdapter, spec: VmSpec) -> launch_fn.Launch:
     async def adapters(_: DestinationRef) -> OpenStackAdapter:
         return adapter
 
-    async def inventory(_: ConversionDone) -> VmSpec:
-        return spec
-
-    return launch_fn.Launch(adapters=adapters, inventory=inventory, active_timeout=300)
+    return launch_fn.Launch(adapters=adapters, active_timeout=300)
 
 
 async def test_launch_twice_creates_one_server_with_disks_and_nics_in_order(
@@ -191,6 +211,8 @@ async def test_launch_twice_creates_one_server_with_disks_and_nics_in_order(
     created = first[0].data
     assert isinstance(created, InstanceCreated)
     assert second[0].data == created, "a rerun must find the same server, ports and volumes"
+    completed = first[1].data
+    assert isinstance(completed, MigrationCompleted) and completed.server_id == created.server_id
     assert created.volume_ids == volume_ids, "root disk first, data disks in source order"
 
     conn = admin.conn

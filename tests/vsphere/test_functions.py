@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from pyVim.task import WaitForTask
@@ -17,7 +18,13 @@ from vmferry.bus.errors import PermanentError
 from vmferry.bus.function import Emit
 from vmferry.functions import discover, snapshot
 from vmferry.schemas.base import request_key_for, vm_key_for
-from vmferry.schemas.events import DiskSnapshotReady, MigrationAccepted, VmDiscovered
+from vmferry.schemas.events import (
+    CbtDeltaRequested,
+    CutoverRequested,
+    DiskSnapshotReady,
+    MigrationAccepted,
+    VmDiscovered,
+)
 from vmferry.schemas.request import MigrationRequest
 
 
@@ -52,10 +59,9 @@ def accepted(req: MigrationRequest) -> CloudEvent[MigrationAccepted]:
     )
 
 
-def as_event(emit: Emit) -> CloudEvent[VmDiscovered]:
-    assert isinstance(emit.data, VmDiscovered)
+def as_event(emit: Emit) -> CloudEvent[Any]:
     return CloudEvent(
-        id="evt-2", type=VmDiscovered.spec.ce_type, source="test", subject=emit.vm_key, data=emit.data
+        id="evt-2", type=emit.data.spec.ce_type, source="test", subject=emit.vm_key, data=emit.data
     )
 
 
@@ -127,7 +133,8 @@ async def test_snapshot_enables_cbt_and_emits_one_ready_event_per_disk(
     assert isinstance(vm, VmDiscovered)
     assert [e.disk.key for e in events] == [d.key for d in vm.disks]
     assert len({e.snapshot_moref for e in events}) == 1  # one snapshot covers every disk
-    assert {(e.pass_no, e.disk_count, e.base_change_id, e.final) for e in events} == {(1, 3, None, False)}
+    assert {(e.pass_no, e.disk_count, e.final) for e in events} == {(1, 3, False)}
+    assert all(e.vm == vm.inventory() for e in events)
     assert all(e.change_id and e.change_id.endswith("/2") for e in events)  # CBT on, after its init cycle
     assert len({x.key for x in emits}) == 3 and {x.vm_key for x in emits} == {vm.vm_key}
     assert step.beats >= 1
@@ -141,11 +148,27 @@ async def test_snapshot_enables_cbt_and_emits_one_ready_event_per_disk(
     assert lab.vmferry_snapshots() == []
 
 
-async def test_snapshot_without_cbt_carries_no_change_ids(lab: Lab, clients: VsphereClients) -> None:
+async def test_a_cold_migration_asks_for_cutover_before_any_snapshot(
+    lab: Lab, clients: VsphereClients
+) -> None:
+    lab.create_vm(VmSpec(name="cold-first"))
+    [emit] = await discovered(clients, request({"name": "cold-first"}))
+    [asked] = await snapshot.Snapshot(clients)(as_event(emit), Step())
+    assert isinstance(asked.data, CutoverRequested) and asked.vm_key == emit.vm_key
+    assert lab.vmferry_snapshots() == []
+
+
+async def test_the_final_pass_without_cbt_carries_no_change_ids(lab: Lab, clients: VsphereClients) -> None:
     lab.create_vm(VmSpec(name="cold-one"))
     [emit] = await discovered(clients, request({"name": "cold-one"}, options={"enable_cbt": False}))
-    events = ready_events(await snapshot.Snapshot(clients)(as_event(emit), Step()))
-    assert [e.change_id for e in events] == [None]
+    vm = emit.data
+    assert isinstance(vm, VmDiscovered)
+    final = CbtDeltaRequested(
+        request_id=vm.request_id, vm_key=vm.vm_key, plan=vm.plan, pass_no=1, reason="cutover"
+    )
+    events = ready_events(await snapshot.PassSnapshot(clients)(as_event(Emit(vm.vm_key, final)), Step()))
+    assert [(e.change_id, e.final, e.pass_no) for e in events] == [(None, True, 1)]
+    assert events[0].vm == vm.inventory()
     client = await clients("lab")
     assert await client.release_pass(moref_of(emit), "req-1", 1) == 1
 
@@ -154,13 +177,13 @@ async def test_a_vm_whose_disks_changed_since_discovery_is_refused_without_lefto
     lab: Lab, clients: VsphereClients
 ) -> None:
     vm = lab.create_vm(VmSpec(name="changing", disks=(MIB,)))
-    [emit] = await discovered(clients, request({"name": "changing"}, options={"enable_cbt": False}))
+    [emit] = await discovered(clients, request({"name": "changing"}, mode="warm"))
     grow = next(d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk))
     grow.capacityInKB, grow.capacityInBytes = 2 * KIB, 2 * MIB
     change = vim.vm.device.VirtualDeviceSpec(operation="edit", device=grow)
     WaitForTask(vm.ReconfigVM_Task(vim.vm.ConfigSpec(deviceChange=[change])))
 
-    with pytest.raises(PermanentError, match="changed since discovery"):
+    with pytest.raises(PermanentError, match="changed while the pass was prepared"):
         await snapshot.Snapshot(clients)(as_event(emit), Step())
     assert lab.vmferry_snapshots() == []
 
