@@ -55,9 +55,17 @@ class SourceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
 class DestinationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """An OpenStack cloud requests refer to by name (usually a clouds.yaml entry)."""
 
+    #: clouds.yaml entry (default: the destination's name); ``envvars`` reads OS_* variables
     cloud: str | None = None
     clouds_yaml: str | None = None
+    #: application credential instead of clouds.yaml: id, secret in a 0600 file, Keystone URL
+    auth_url: str | None = None
+    application_credential_id: str | None = None
+    application_credential_secret_file: str | None = None
+    #: the Nova server (instance UUID) this process runs on, where replicas are attached
     conversion_host_id: str | None = None
+    #: where attached volumes appear as dev/disk/by-id/virtio-<id>: "/" on a real conversion host
+    device_root: str = "/"
 
 
 class _StreamsFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):

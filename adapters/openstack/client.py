@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,7 +18,9 @@ from openstack import connection
 from openstack.config import loader
 
 from vmferry.adapters.openstack.errors import ferry_error, is_unauthorized
-from vmferry.bus.errors import FerryError, RetryableError
+from vmferry.bus.errors import FerryError, PermanentError, RetryableError
+from vmferry.cli.config import DestinationConfig
+from vmferry.schemas.request import DestinationRef
 
 T = TypeVar("T")
 
@@ -141,3 +143,55 @@ class OpenStackAdapter:
         """Close the HTTP session."""
         if self._conn is not None:
             self._conn.close()
+
+
+class OpenStackClients:
+    """Adapters by configured destination name, created on first use and kept."""
+
+    def __init__(self, auths: Mapping[str, CloudAuth]) -> None:
+        self._auths = dict(auths)
+        self._adapters: dict[tuple[str, str | None, str | None], OpenStackAdapter] = {}
+
+    @classmethod
+    def from_destinations(cls, destinations: Mapping[str, DestinationConfig]) -> OpenStackClients:
+        """From the ``destinations`` section of the vmferry configuration."""
+        return cls({name: auth_from_destination(name, config) for name, config in destinations.items()})
+
+    async def __call__(self, destination: DestinationRef) -> OpenStackAdapter:
+        """The adapter for a request's destination (its project and region override the entry's)."""
+        auth = self._auths.get(destination.cloud)
+        if auth is None:
+            known = ", ".join(sorted(self._auths)) or "none"
+            raise PermanentError(
+                f"OpenStack destination {destination.cloud!r} is not configured (configured: {known})",
+                "add it under `destinations` in the vmferry configuration of the functions",
+            )
+        key = (destination.cloud, destination.project, destination.region)
+        adapter = self._adapters.get(key)
+        if adapter is None:
+            scoped = replace(
+                auth, project=destination.project or auth.project, region=destination.region or auth.region
+            )
+            adapter = self._adapters[key] = OpenStackAdapter(scoped)
+        return adapter
+
+    def close(self) -> None:
+        """Close every adapter's HTTP session."""
+        adapters, self._adapters = list(self._adapters.values()), {}
+        for adapter in adapters:
+            adapter.close()
+
+
+def auth_from_destination(name: str, config: DestinationConfig) -> CloudAuth:
+    """How to authenticate to one configured destination."""
+    return CloudAuth(
+        cloud=config.cloud or name,
+        clouds_yaml=Path(config.clouds_yaml) if config.clouds_yaml else None,
+        auth_url=config.auth_url,
+        application_credential_id=config.application_credential_id,
+        application_credential_secret_file=(
+            Path(config.application_credential_secret_file)
+            if config.application_credential_secret_file
+            else None
+        ),
+    )

@@ -14,7 +14,7 @@ import secrets
 import selectors
 import ssl
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,6 +23,7 @@ import pytest
 
 from tests.conftest import missing_component
 from tests.vsphere.lab import Lab
+from vmferry.adapters.vsphere.aio import VsphereClients
 from vmferry.adapters.vsphere.client import VsphereClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -188,3 +189,25 @@ def client(lab: Lab) -> Iterator[VsphereClient]:
     """The adapter's client, connected to the simulator with verified TLS."""
     with VsphereClient(lab.settings()) as connected:
         yield connected
+
+
+@pytest.fixture
+async def clients(lab: Lab) -> AsyncIterator[VsphereClients]:
+    """The functions' client factory with one configured source, ``lab``."""
+    factory = VsphereClients({"lab": lab.settings()})
+    try:
+        yield factory
+    finally:
+        await factory.close()
+
+
+@dataclass
+class Step:
+    """What the runner offers a handler (StepContext), counting heartbeats."""
+
+    delivery: int = 1
+    function: str = "test"
+    beats: int = 0
+
+    async def heartbeat(self) -> None:
+        self.beats += 1

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
+from tests.vsphere.conftest import Step
 from tests.vsphere.lab import KIB, MIB, Lab, Nic, VmSpec, request
 from vmferry.adapters.vsphere.aio import VsphereClients
 from vmferry.adapters.vsphere.snapshots import release_pass
@@ -26,27 +26,6 @@ from vmferry.schemas.events import (
     VmDiscovered,
 )
 from vmferry.schemas.request import MigrationRequest
-
-
-@dataclass
-class Step:
-    """What the runner offers a handler (StepContext), counting heartbeats."""
-
-    delivery: int = 1
-    function: str = "test"
-    beats: int = 0
-
-    async def heartbeat(self) -> None:
-        self.beats += 1
-
-
-@pytest.fixture
-async def clients(lab: Lab) -> AsyncIterator[VsphereClients]:
-    factory = VsphereClients({"lab": lab.settings()})
-    try:
-        yield factory
-    finally:
-        await factory.close()
 
 
 def accepted(req: MigrationRequest) -> CloudEvent[MigrationAccepted]:
