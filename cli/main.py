@@ -323,6 +323,44 @@ def events(ctx: Ctx, key: str) -> None:
     _run(main())
 
 
+@cli.command("sync")
+@click.argument("key")
+@command
+def sync_cmd(ctx: Ctx, key: str) -> None:
+    """Ask for another precopy pass of a warm migration (changed blocks only)."""
+    from vmferry.cli.operate import request_pass  # noqa: PLC0415
+
+    async def main() -> None:
+        async with session(ctx.settings) as s:
+            asked = await request_pass(s, await _resolve_key(s, key))
+        _asked(ctx, asked)
+
+    _run(main())
+
+
+@cli.command("cutover")
+@click.argument("key")
+@command
+def cutover_cmd(ctx: Ctx, key: str) -> None:
+    """Cut a warm migration over: stop the source, final pass, convert, launch."""
+    from vmferry.cli.operate import request_cutover  # noqa: PLC0415
+
+    async def main() -> None:
+        async with session(ctx.settings) as s:
+            asked = await request_cutover(s, await _resolve_key(s, key), os.environ.get("USER"))
+        _asked(ctx, asked)
+
+    _run(main())
+
+
+def _asked(ctx: Ctx, asked: Any) -> None:
+    if ctx.json:
+        output.emit_json(asked.__dict__)
+        return
+    note = " (already asked: deduplicated)" if asked.duplicate else ""
+    output.console.print(f"{asked.key}: published {asked.event_type} (pass {asked.pass_no}){note}")
+
+
 @cli.command("replay")
 @click.argument("key")
 @click.option("--force", is_flag=True, help="Replay even if a replay seems to be in progress.")
