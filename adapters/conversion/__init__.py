@@ -4,7 +4,8 @@ The pieces: argument builders (``commands``: libvirt XML covering every disk, vi
 virt-v2v-inspector and virt-customize argv, Windows virtio-win and static-IP arguments), what the
 installed tools can do (``capabilities``), the KVM-or-TCG choice (``accel``), the process runner with
 progress and kept logs (``runner``), failure classification (``errors``), in-guest scripts for NIC names
-and fstab (``guestscripts``), clones and the converted-disk ledger (``storage``) and the orchestration
+and fstab (``guestscripts``), the filesystem UUIDs of each disk read on the host for the fstab script
+(``fsuuids``), clones and the converted-disk ledger (``storage``) and the orchestration
 (``converter.Converter``). Nothing here knows about NATS or events: the ``convert`` function wires it.
 """
 

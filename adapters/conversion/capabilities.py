@@ -101,8 +101,11 @@ _reverses: dict[str, bool] = {}
 
 
 def customize_reverses_disks(tool: str = "virt-customize") -> bool:
-    """Whether ``tool`` attaches its ``-a`` disks in reverse order (virt-customize 1.48 does: the second
-    ``-a`` becomes /dev/sda in the appliance, so a guest whose fstab names sda/sdb is mounted wrongly).
+    """Whether ``tool`` attaches its ``-a`` disks in reverse order (virt-customize 1.48 does: its option
+    parser prepends each ``-a`` to a list it never reverses). libguestfs's inspection resolves the guest's
+    fstab ``/dev/sdb1`` to the second disk *added*, so with the disks reversed a guest whose fstab names
+    sda/sdb is mounted wrongly. (This order is the tool's, fixed per version; the order in which the
+    appliance's kernel names the disks is random, which is why nothing reads device names in there.)
 
     Found out from the tool itself: a dry run on two empty files prints its ``add_drive`` calls (with
     ``-x``) before the appliance starts, and is stopped right there. Cached per tool.

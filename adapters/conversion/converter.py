@@ -3,9 +3,10 @@
 Order of work: early checks (tools, virtio-win, options the installed version lacks) -> the ledger (a
 converted disk is never converted again) -> optional pre-flight (virt-v2v-inspector, which rehearses
 the conversion in overlays and leaves the disks alone) -> clones of the replica (unless converting in
-place) -> a virt-customize pass for what the installed virt-v2v-in-place cannot run itself (NIC names,
-stable fstab, user scripts; it runs first so virt-v2v's initramfs rebuild picks up the NIC names) ->
-virt-v2v-in-place -> the inspection it printed, recorded in the ledger.
+place) -> a virt-customize pass for what the installed virt-v2v-in-place cannot run itself (stable
+fstab, NIC names, user scripts; it runs first so virt-v2v's initramfs rebuild picks up the NIC names; the
+fstab step gets the filesystem UUIDs of each disk, read on the host beforehand) -> virt-v2v-in-place ->
+the inspection it printed, recorded in the ledger.
 
 Blocking; meant to run on a worker thread. Every tool run leaves its full log in ``work_dir/logs``.
 """
@@ -16,7 +17,7 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import commands, guestscripts
+from . import commands, fsuuids, guestscripts
 from .accel import choose_accelerator, guestfs_environment
 from .capabilities import Capabilities, customize_reverses_disks, detect_capabilities
 from .errors import ConversionError, FailureKind, classify
@@ -225,7 +226,7 @@ class Converter:
                 # vSphere's guestId said otherwise (or nothing): apply the Windows checks now, before cloning
                 guest = replace(guest, os_hint="windows")
                 _early_checks(guest, options, self.host, caps)
-        linux_scripts = self._linux_scripts(guest, options, caps, layout)
+        linux_scripts = self._linux_scripts(guest, options, caps, layout, cancel)
         customize = bool(linux_scripts or user_scripts) and not in_tool
         if not options.in_place:
             for disk, target in zip(guest.disks, targets, strict=True):
@@ -236,7 +237,9 @@ class Converter:
         if customize:
             disks = list(zip(targets, formats, strict=True))
             if customize_reverses_disks(self.host.customize_tool):
-                disks.reverse()  # so the appliance still sees them as sda, sdb, ... like the guest's fstab
+                # libguestfs mounts the guest's /dev/sdb1 from the second disk *added*: add them in the
+                # guest's order, or this pass mounts /var's disk as /. (The fstab step checks the mounts.)
+                disks.reverse()
             argv = commands.customize_args(
                 self.host.customize_tool,
                 disks,
@@ -297,18 +300,33 @@ class Converter:
         )
 
     def _linux_scripts(
-        self, guest: GuestSpec, options: ConversionOptions, caps: Capabilities, layout: _Layout
+        self,
+        guest: GuestSpec,
+        options: ConversionOptions,
+        caps: Capabilities,
+        layout: _Layout,
+        cancel: threading.Event | None,
     ) -> list[Path]:
+        """vmferry's own in-guest scripts. The fstab one goes first: it checks that the pass mounted the
+        guest's filesystems where its fstab says, before anything writes into them."""
         if _is_windows(guest):
             return []
         scripts: list[Path] = []
+        if commands.needs_stable_fstab(caps, options):
+            appliance = fsuuids.ApplianceAccess(  # only for disks that are not raw
+                env=self._environment(layout),
+                log_dir=layout.logs,
+                tool=self.host.filesystems_tool,
+                timeout_s=options.timeout_s,
+                cancel=cancel,
+            )
+            uuids = fsuuids.guest_filesystem_uuids(guest.disks, appliance)
+            path = layout.scripts / "vmferry-stable-fstab.sh"
+            path.write_text(guestscripts.stable_fstab_script(uuids))
+            scripts.append(path)
         if options.keep_interface_names and guest.nics:
             path = layout.scripts / "vmferry-keep-nic-names.sh"
             path.write_text(guestscripts.keep_interface_names_script(guest.nics))
-            scripts.append(path)
-        if commands.needs_stable_fstab(caps, options):
-            path = layout.scripts / "vmferry-stable-fstab.sh"
-            path.write_text(guestscripts.stable_fstab_script())
             scripts.append(path)
         return scripts
 

@@ -125,6 +125,7 @@ class HostConfig:
     in_place_tool: str = "virt-v2v-in-place"
     inspector_tool: str = "virt-v2v-inspector"
     customize_tool: str = "virt-customize"
+    filesystems_tool: str = "virt-filesystems"  # lists a non-raw disk's filesystem UUIDs
 
 
 @dataclass(frozen=True)

@@ -117,27 +117,86 @@ def test_bad_interface_name_is_refused() -> None:
         keep_interface_names_script([SourceNic("00:50:56:00:00:01", interface="eth0; rm -rf /")])
 
 
-def test_stable_fstab(root: Path, tmp_path: Path) -> None:
-    fstab = [
-        "# comment",
-        "/dev/sda1\t/\text4\terrors=remount-ro\t0\t1",
-        "/dev/vdb1 /var ext4 defaults 0 2",
-        "UUID=1234 /home ext4 defaults 0 2",
-        "/dev/sdc1 /data xfs defaults 0 2",
-        "proc /proc proc defaults 0 0",
-    ]
-    write(root, "etc/fstab", "\n".join(fstab) + "\n")
-    fake_blkid = tmp_path / "blkid"
-    fake_blkid.write_text('#!/bin/sh\ncase "$5" in /dev/sda1) echo aaaa-1;; /dev/sdb1) echo bbbb-2;; esac\n')
-    fake_blkid.chmod(0o755)
-    done = run_script(stable_fstab_script(), root, VMFERRY_BLKID=str(fake_blkid))
+FSTAB = [
+    "# comment",
+    "/dev/sda1\t/\text4\terrors=remount-ro\t0\t1",
+    "/dev/vdb1 /var ext4 defaults 0 2",
+    "UUID=1234 /home ext4 defaults 0 2",
+    "/dev/sdc1 /data xfs defaults 0 2",
+    "/dev/sda5 none swap sw 0 0",
+    "proc /proc proc defaults 0 0",
+]
+UUIDS = {"sda1": "aaaa-1", "sdb1": "bbbb-2", "sda5": "cccc-5"}
+
+
+def appliance_view(tmp_path: Path, mounted: dict[str, str], uuids: dict[str, str]) -> dict[str, str]:
+    """What the script sees in the appliance: ``mounted`` (mount point -> kernel device, in no particular
+    order of disks) and a blkid that knows ``uuids`` (kernel device -> UUID)."""
+    mounts = tmp_path / "mounts"
+    mounts.write_text("".join(f"{device} {point} ext4 rw 0 0\n" for point, device in mounted.items()))
+    blkid = tmp_path / "blkid"
+    cases = "".join(f"{device}) echo {uuid};; " for device, uuid in uuids.items())
+    blkid.write_text(f'#!/bin/sh\nfor last; do :; done\ncase "$last" in {cases}*) exit 2;; esac\n')
+    blkid.chmod(0o755)
+    return {"VMFERRY_MOUNTS": str(mounts), "VMFERRY_BLKID": str(blkid)}
+
+
+def test_stable_fstab_uses_the_uuids_read_before_the_pass(root: Path, tmp_path: Path) -> None:
+    write(root, "etc/fstab", "\n".join(FSTAB) + "\n")
+    # the appliance's kernel called the guest's first disk sdc and its second sda: no matter
+    view = appliance_view(tmp_path, {"/": "/dev/sdc1", "/var": "/dev/sda1"},
+                          {"/dev/sdc1": "aaaa-1", "/dev/sda1": "bbbb-2"})  # fmt: skip
+    done = run_script(stable_fstab_script(UUIDS), root, **view)
     assert (root / "etc/fstab").read_text().splitlines() == [
         "# comment",
         "UUID=aaaa-1\t/\text4\terrors=remount-ro\t0\t1",
-        "UUID=bbbb-2 /var ext4 defaults 0 2",  # vdb on the VMware-era name sdb in the appliance
+        "UUID=bbbb-2 /var ext4 defaults 0 2",  # vdb is the guest's second disk too
         "UUID=1234 /home ext4 defaults 0 2",
-        "/dev/sdc1 /data xfs defaults 0 2",  # no UUID found: left alone, and said so
+        "/dev/sdc1 /data xfs defaults 0 2",  # no UUID known: left alone, and said so
+        "UUID=cccc-5 none swap sw 0 0",
         "proc /proc proc defaults 0 0",
     ]
-    assert "/dev/sdc1: no UUID found" in done.stderr
-    assert (root / "etc/fstab.vmferry-orig").exists()
+    assert "/dev/sdc1: no UUID known for the guest's sdc1" in done.stderr
+    assert "fstab /dev/vdb1: /var is mounted from it, as it should be" in done.stdout
+    assert (root / "etc/fstab.vmferry-orig").read_text().splitlines() == FSTAB
+    assert sorted(path.name for path in (root / "etc").iterdir()) == ["fstab", "fstab.vmferry-orig"]
+
+    again = run_script(stable_fstab_script(UUIDS), root, **view)  # idempotent, original kept
+    assert "->" not in again.stdout
+    assert (root / "etc/fstab.vmferry-orig").read_text().splitlines() == FSTAB
+
+
+def test_stable_fstab_stops_when_the_pass_mounted_the_disks_elsewhere(root: Path, tmp_path: Path) -> None:
+    write(root, "etc/fstab", "\n".join(FSTAB) + "\n")
+    view = appliance_view(tmp_path, {"/": "/dev/sda1", "/var": "/dev/sdb1"},
+                          {"/dev/sda1": "bbbb-2", "/dev/sdb1": "aaaa-1"})  # fmt: skip
+    path = root.parent / "script.sh"
+    path.write_text(stable_fstab_script(UUIDS))
+    done = subprocess.run(
+        ["/bin/sh", str(path)],
+        env={**os.environ, "VMFERRY_ROOT": str(root), **view},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "fstab /dev/sda1 is UUID=aaaa-1, but / is mounted from UUID=bbbb-2" in done.stderr
+    assert (root / "etc/fstab").read_text().splitlines() == FSTAB  # unchanged, no leftovers
+    assert sorted(path.name for path in (root / "etc").iterdir()) == ["fstab"]
+
+
+def test_stable_fstab_without_blkid_in_the_guest_still_rewrites(root: Path, tmp_path: Path) -> None:
+    write(root, "etc/fstab", "/dev/sda1 / ext4 defaults 0 1\n")
+    view = appliance_view(tmp_path, {"/": "/dev/sdc1"}, {})
+    view["VMFERRY_BLKID"] = str(tmp_path / "no-such-blkid")
+    done = run_script(stable_fstab_script({"sda1": "aaaa-1"}), root, **view)
+    assert (root / "etc/fstab").read_text() == "UUID=aaaa-1 / ext4 defaults 0 1\n"
+    assert "cannot read the UUID of /dev/sdc1 mounted at /; not checked" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "uuid"), [("sda1", "x; rm -rf /"), ("vda1", "aaaa"), ("sda1\n", "aaaa"), ("sd1", "aaaa")]
+)
+def test_stable_fstab_refuses_what_is_not_a_device_and_uuid(name: str, uuid: str) -> None:
+    with pytest.raises(ValueError, match="not a guest device"):
+        stable_fstab_script({name: uuid})

@@ -31,6 +31,14 @@ def sha256(data: bytes | None) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def fstab_specs(fstab: bytes) -> dict[str, str]:
+    """Mount point -> what fstab mounts there."""
+    fields = (
+        line.split() for line in fstab.decode().splitlines() if line.strip() and not line.startswith("#")
+    )
+    return {entry[1]: entry[0] for entry in fields if len(entry) >= 2 and entry[1].startswith("/")}
+
+
 def modules_in(files: list[str]) -> set[str]:
     return {
         Path(path).name.removesuffix(".ko").removesuffix(".ko.xz").removesuffix(".ko.zst") for path in files
@@ -103,15 +111,6 @@ def test_converted_disk_is_never_converted_twice(real: Session) -> None:
     assert again.disks == first.disks
 
 
-@pytest.mark.xfail(
-    strict=False,
-    raises=ConversionError,
-    reason=(
-        "known bug, open in issue 5: the stable-fstab pre-pass maps /dev/sdXN to the appliance's sdXN,"
-        " but virtio-scsi enumerates the two disks in either order, so now and then / gets the /var"
-        " disk's UUID and virt-v2v-in-place fails (cleanly: the replica is untouched)"
-    ),
-)
 def test_two_disk_guest_converted_with_var_on_the_second_disk(real: Session, tmp_path: Path) -> None:
     result: ConversionResult = real.jobs["two-disk"].result()
     manifest = real.images.manifest
@@ -126,9 +125,18 @@ def test_two_disk_guest_converted_with_var_on_the_second_disk(real: Session, tmp
     caps = detect_capabilities("virt-v2v-in-place")
     if needs_stable_fstab(caps, real.options("two-disk", block_driver=BlockDriver.VIRTIO_SCSI)):
         # virt-v2v 2.2 would write vda/vdb; on virtio-scsi the disks stay sdX, so fstab went to UUIDs
-        assert f"UUID={manifest['images']['two-disk-root']['root_uuid']}".encode() in fstab
-        assert f"UUID={manifest['images']['two-disk-var']['var_uuid']}".encode() in fstab
+        # ... each read from its own disk before the pass, whatever the appliance called the disks
+        assert fstab_specs(fstab) == {
+            "/": f"UUID={manifest['images']['two-disk-root']['root_uuid']}",
+            "/var": f"UUID={manifest['images']['two-disk-var']['var_uuid']}",
+        }
         assert [run.tool for run in result.runs] == ["virt-customize", "virt-v2v-in-place"]
+        customize_log = result.runs[0].log_bytes()
+        for spec, point in (("/dev/sda1", "/"), ("/dev/sdb1", "/var")):  # the pass mounted them right
+            assert (
+                f"vmferry: fstab {spec}: {point} is mounted from it, as it should be".encode()
+                in customize_log
+            )
 
     modules = modules_in(initramfs_files(root_disk, f"/boot/initrd.img-{manifest['kernel']}", tmp_path))
     assert {"virtio_scsi", "virtio_blk"} <= modules
