@@ -11,6 +11,7 @@ from vmferry.adapters.openstack.model import (
     DISK_KEY,
     MANAGED_KEY,
     PASS_KEY,
+    REQUEST_KEY,
     VM_KEY,
     VmSpec,
     gib_for,
@@ -115,10 +116,19 @@ async def wait_for_volume(adapter: OpenStackAdapter, volume_id: str, statuses: s
     return await wait_until(f"volume {volume_id} to be {'/'.join(sorted(statuses))}", probe, VOLUME_TIMEOUT)
 
 
-async def record_pass(adapter: OpenStackAdapter, volume_id: str, change_id: str | None, pass_no: int) -> None:
-    """Keep the CBT changeId and pass number beside the identity keys (other keys untouched)."""
+async def record_pass(
+    adapter: OpenStackAdapter,
+    volume_id: str,
+    change_id: str | None,
+    pass_no: int,
+    request_id: str | None = None,
+) -> None:
+    """Keep the CBT changeId and pass number (and the request, if given) beside the identity keys
+    (other keys untouched)."""
     bs = adapter.conn.block_storage
     meta = {CHANGE_ID_KEY: change_id or "", PASS_KEY: str(pass_no)}
+    if request_id is not None:
+        meta[REQUEST_KEY] = request_id
     await adapter.call("recording the copy pass on the volume", bs.set_volume_metadata, volume_id, **meta)
 
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -32,6 +33,8 @@ PC = vmodl.query.PropertyCollector
 #: methods that must not trigger a re-login when they fail with NotAuthenticated
 _SESSION_METHODS = frozenset({"Login", "Logout", "LoginByToken", "RetrieveServiceContent"})
 _DEFAULT_PAGE = 500
+#: the session cookie of vCenter and ESXi SOAP sessions
+SESSION_COOKIE = "vmware_soap_session"
 
 
 @dataclass
@@ -239,6 +242,20 @@ class VsphereClient:
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    def session_cookie(self) -> str:
+        """This session's ``vmware_soap_session="..."`` cookie, which the datastore ``/folder`` HTTP
+        access accepts as login. A credential: hand it on by file or descriptor, never log it."""
+        if self._stub is None:
+            raise PermanentError(f"vSphere {self.where}: not connected", "call connect() first")
+        header = str(getattr(self._stub.soap, "cookie", "") or "")
+        morsel = SimpleCookie(header).get(SESSION_COOKIE)
+        if morsel is None or not morsel.value:
+            raise PermanentError(
+                f"vSphere {self.where} gave this session no {SESSION_COOKIE} cookie",
+                "use the vddk transport, or check that the endpoint is vCenter or ESXi",
+            )
+        return f'{SESSION_COOKIE}="{morsel.value}"'
 
     def bind(self, kind: type[T], moref: str) -> T:
         """A managed object reference of this session, e.g. ``bind(vim.VirtualMachine, "vm-42")``."""
