@@ -39,6 +39,26 @@ class _NatsFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tls_key_file: str | None = None
 
 
+class VddkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Transport ``vddk``: where VMware's VDDK is unpacked on the conversion host."""
+
+    libdir: str
+    #: SHA-1 thumbprint VDDK checks; default: the source's thumbprint
+    thumbprint: str | None = None
+    transports: tuple[str, ...] = ("file", "nbdssl", "nbd")
+    compression: str | None = "fastlz"
+
+
+class SshConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Transport ``ssh``: the ESXi host holding the source's datastores, reached with a key."""
+
+    host: str
+    user: str = "root"
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 22
+    identity_file: str | None = None
+    known_hosts_file: str | None = None
+
+
 class SourceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """A vSphere endpoint (vCenter or ESXi) requests refer to by name."""
 
@@ -50,6 +70,10 @@ class SourceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     #: SHA-256 or SHA-1 thumbprint of the server certificate, as an alternative to a CA
     thumbprint: str | None = None
     insecure: bool = False
+    vddk: VddkConfig | None = None
+    ssh: SshConfig | None = None
+    #: seconds nbdkit's curl plugin waits on the datastore (transport ``https``)
+    https_timeout: int | None = None
 
 
 class DestinationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -80,6 +104,17 @@ class _FunctionFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
 
 
+class ConversionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """The conversion host's tools and folders."""
+
+    #: scratch space for conversions and nbdkit sockets (default: <state_dir>/work)
+    work_dir: str | None = None
+    #: libguestfs appliance cache, reused between conversions (default: the user cache folder)
+    appliance_cache: str | None = None
+    #: virtio-win ISO or folder, needed for Windows guests
+    virtio_win: str | None = None
+
+
 class _ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prefix: str = "ferry"
     nats: _NatsFile = msgspec.field(default_factory=_NatsFile)
@@ -87,6 +122,7 @@ class _ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     destinations: dict[str, DestinationConfig] = {}
     functions: dict[str, _FunctionFile] = {}
     streams: _StreamsFile = msgspec.field(default_factory=_StreamsFile)
+    conversion: ConversionConfig = msgspec.field(default_factory=ConversionConfig)
     state_dir: str | None = None
 
 
@@ -103,6 +139,7 @@ class Settings:
     state_dir: Path = field(default_factory=lambda: user_state_path("vmferry"))
     config_file: Path | None = None
     limits: Limits = field(default_factory=Limits)
+    conversion: ConversionConfig = field(default_factory=ConversionConfig)
 
     @property
     def embedded_record(self) -> Path:
@@ -188,6 +225,7 @@ def load(
         destinations=dict(data.destinations),
         concurrency={k: v.concurrency for k, v in data.functions.items() if v.concurrency},
         state_dir=state_dir,
+        conversion=data.conversion,
         config_file=path if path.exists() else None,
         limits=Limits(
             duplicate_window_s=data.streams.duplicate_window_s,

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from vmferry.bus.errors import FerryError
+from vmferry.bus.handles import BusHandle
 from vmferry.bus.history import history
 from vmferry.bus.provision import DEADLETTER, TRACKER, provision
 from vmferry.bus.publisher import Publisher
@@ -116,15 +117,18 @@ def run(ctx: Ctx, function: str) -> None:
     """Run one function (or `tracker` / `deadletter`) until SIGTERM, as a container does."""
 
     async def main() -> None:
-        registry = registry_for(ctx.settings)
+        bus = BusHandle()
+        registry = registry_for(ctx.settings, bus)
         builtin = function in (TRACKER, DEADLETTER)
         selected = [] if builtin else registry.select([function])
         async with session(ctx.settings) as s:
+            store = await s.store()
+            bus.bind(s.js, s.naming, store)
             runtime = Runtime(
                 s.js,
                 s.naming,
                 selected,
-                await s.store() if function == TRACKER else None,
+                store if function == TRACKER else None,
                 tracker=function == TRACKER,
                 deadletter=function == DEADLETTER,
             )
@@ -150,8 +154,11 @@ def serve(ctx: Ctx, host: str, port: int, functions: tuple[str, ...]) -> None:
     from vmferry.bus.http import HttpReceiver  # noqa: PLC0415
 
     async def main() -> None:
-        hosted = registry_for(ctx.settings).select(functions) if functions else []
+        bus = BusHandle()
+        hosted = registry_for(ctx.settings, bus).select(functions) if functions else []
         async with session(ctx.settings) as s:
+            if hosted:
+                bus.bind(s.js, s.naming, await s.store())
             runner = web.AppRunner(HttpReceiver(s.nc, s.naming, hosted).app())
             await runner.setup()
             await web.TCPSite(runner, host, port).start()

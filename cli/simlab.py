@@ -15,6 +15,7 @@ import secrets
 import selectors
 import ssl
 import subprocess
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -298,6 +299,10 @@ class Lab:
             files=vim.vm.FileInfo(vmPathName=f"[{self.vcsim.datastore}] {directory}/{directory}.vmx"),
             deviceChange=devices,
             changeTrackingEnabled=spec.cbt or None,
+            # vcsim derives UUIDs from a per-process sequence: two simulators would hand out the
+            # same instanceUuid, and their VMs would share one identity in a shared OpenStack lab.
+            uuid=str(uuid.uuid4()),
+            instanceUuid=str(uuid.uuid4()),
         )
         task = self.folder(spec.folder).CreateVM_Task(config=config, pool=self.pool, host=self.host)
         WaitForTask(task)

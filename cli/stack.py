@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from vmferry.bus.embedded import EmbeddedNats
 from vmferry.bus.errors import FerryError
+from vmferry.bus.handles import BusHandle
 from vmferry.bus.provision import provision
 from vmferry.bus.runtime import Runtime
 from vmferry.cli import output
@@ -47,10 +48,13 @@ async def run_stack(
         server, settings = _start_embedded(settings, port)
     try:
         async with session(settings) as s:
-            registry = registry_for(settings)
+            bus = BusHandle()
+            registry = registry_for(settings, bus)
             selected = registry.select(functions)
             await provision(s.js, s.naming, registry, settings.limits)
-            runtime = Runtime(s.js, s.naming, selected, await s.store())
+            store = await s.store()
+            bus.bind(s.js, s.naming, store)
+            runtime = Runtime(s.js, s.naming, selected, store)
             runtime.install_signal_handlers()
             if announce:
                 where = settings.nats.describe()

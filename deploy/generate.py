@@ -80,6 +80,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "discover": Profile(grace_seconds=300, secrets=frozenset({"vsphere"})),
     "snapshot": Profile(grace_seconds=900, secrets=frozenset({"vsphere"})),
+    "snapshot-pass": Profile(grace_seconds=900, secrets=frozenset({"vsphere"})),
     "transfer": Profile(
         grace_seconds=4 * 3600,
         max_replicas=8,
@@ -94,7 +95,14 @@ PROFILES: dict[str, Profile] = {
         limits={"memory": "6Gi"},
         note="virt-v2v starts a 2.5 GiB appliance VM (/dev/kvm makes it fast); see docs/deploy.md",
     ),
+    "settle": Profile(grace_seconds=300, secrets=frozenset({"vsphere"})),
+    "cutover": Profile(
+        grace_seconds=900,
+        secrets=frozenset({"vsphere"}),
+        note="a graceful guest shutdown may take the plan's shutdown_timeout_s",
+    ),
     "launch": Profile(grace_seconds=900, secrets=frozenset({"openstack"})),
+    "restore": Profile(grace_seconds=900, max_replicas=2, secrets=frozenset({"vsphere"})),
     # The tracker skips events at or below a document's last sequence, so two replicas could
     # drop each other's older events: exactly one, always up so `vmferry status` stays current.
     TRACKER: Profile(

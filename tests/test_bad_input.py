@@ -117,7 +117,7 @@ async def test_oversize_request_is_refused_before_sending(js: JetStreamContext, 
     names = tuple(f"vm-{i:05d}-" + "n" * 200 for i in range(6000))
     request = build_request({}, request_id="huge", source="vc", destination="lab", vm_names=names)
     registry = build_registry(Dependencies(frozenset({"vc"}), frozenset({"lab"})))
-    async with running(js, naming, list(registry)):
+    async with running(js, naming, registry.select(["intake"])):
         with pytest.raises(PermanentError, match="max_payload"):
             await submit(Publisher(js, naming), naming, request)
 
@@ -138,7 +138,7 @@ HOSTILE = [
 
 async def test_hostile_names_and_unknown_credentials(js: JetStreamContext, naming: Naming) -> None:
     registry = build_registry(Dependencies(frozenset({"vc"}), frozenset({"lab"})))
-    async with running(js, naming, list(registry)) as (_, store):
+    async with running(js, naming, registry.select(["intake"])) as (_, store):
         publisher = Publisher(js, naming)
         good = build_request(
             {}, request_id="hostile", source="vc", destination="lab", vm_names=tuple(HOSTILE)

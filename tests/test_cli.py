@@ -46,8 +46,8 @@ def as_json(env: dict[str, str], *args: str) -> Any:
 
 @pytest.fixture
 def up(cli_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
-    process = subprocess.Popen([*VMFERRY, "up"], env=cli_env, text=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)  # fmt: skip
+    process = subprocess.Popen([*VMFERRY, "up", "-f", "intake"], env=cli_env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     record = tmp_path / "state" / "embedded.json"
     deadline = time.monotonic() + 30
     while not record.exists() or vmferry(cli_env, "status", check=False).returncode != 0:
@@ -145,12 +145,6 @@ def test_request_file_and_secret_refusal(cli_env: dict[str, str], tmp_path: Path
     assert "secrets never travel" in refused.stderr and "hunter2" not in refused.stderr
 
 
-def test_demo_runs(cli_env: dict[str, str]) -> None:
-    summary = as_json(cli_env, "demo")
-    assert summary["accepted"] == "accepted" and summary["rejected"] == "failed"
-    assert "no-such-vcenter" in summary["rejection"]
-
-
 def test_stream_limits_come_from_the_config_file(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("streams: {replicas: 3, duplicate_window_s: 600, event_max_age_days: 7}\n")
@@ -158,4 +152,27 @@ def test_stream_limits_come_from_the_config_file(tmp_path: Path) -> None:
     assert (limits.replicas, limits.duplicate_window_s, limits.event_max_age_s) == (3, 600, 7 * 24 * 3600)
     config.write_text("streams: {replicas: 9}\n")
     with pytest.raises(ConfigError, match=r"replicas"):
+        load(config, env={})
+
+
+def test_source_transports_and_conversion_hosts_come_from_the_config_file(tmp_path: Path) -> None:
+    from vmferry.bus.handles import BusHandle  # noqa: PLC0415
+    from vmferry.cli.wiring import dependencies_for  # noqa: PLC0415
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "sources:\n"
+        "  vc: {host: vc.example, vddk: {libdir: /opt/vddk, transports: [nbdssl]},"
+        " ssh: {host: esxi1.example, identity_file: /etc/vmferry/id_ed25519}}\n"
+        "destinations:\n  cloud: {conversion_host_id: 5a3e, device_root: /host}\n"
+        "conversion: {work_dir: /var/lib/vmferry/work, virtio_win: /srv/virtio-win.iso}\n"
+    )
+    deps = dependencies_for(load(config, env={}), BusHandle())
+    transport = deps.transports["vc"]
+    assert transport.vddk is not None and transport.vddk.transports == ("nbdssl",)
+    assert transport.ssh is not None and str(transport.ssh.identity) == "/etc/vmferry/id_ed25519"
+    assert deps.device_root("5a3e") == Path("/host") and deps.work_dir == Path("/var/lib/vmferry/work")
+    assert deps.conversion.virtio_win == Path("/srv/virtio-win.iso")
+    config.write_text("sources:\n  vc: {host: vc.example, vddk: {transports: [nbd]}}\n")
+    with pytest.raises(ConfigError, match=r"libdir"):
         load(config, env={})

@@ -21,7 +21,7 @@ async def test_request_is_accepted_and_tracked(js: JetStreamContext, naming: Nam
     registry = build_registry(Dependencies(frozenset({"vc"}), frozenset({"lab"})))
     await provision(js, naming, registry)
     store = await StateStore.open(js, naming.state_bucket)
-    runtime = Runtime(js, naming, registry, store, fetch_timeout=0.2)
+    runtime = Runtime(js, naming, registry.select(["intake"]), store, fetch_timeout=0.2)
     task = asyncio.create_task(runtime.run())
     request = MigrationRequest(
         request_id="r1",

@@ -13,6 +13,8 @@ DISK_KEY = "vmferry_disk"
 MANAGED_KEY = "vmferry_managed"
 CHANGE_ID_KEY = "vmferry_change_id"
 PASS_KEY = "vmferry_pass"  # noqa: S105 - the copy pass number, not a password
+#: what a vmferry volume is for; replicas carry no role, conversion clones ``converted``
+ROLE_KEY = "vmferry_role"
 #: the migration request whose pass the volume holds (pass numbers restart with every request)
 REQUEST_KEY = "vmferry_request"
 

@@ -12,6 +12,7 @@ from vmferry.adapters.openstack.model import (
     MANAGED_KEY,
     PASS_KEY,
     REQUEST_KEY,
+    ROLE_KEY,
     VM_KEY,
     VmSpec,
     gib_for,
@@ -68,6 +69,8 @@ async def find_volume(adapter: OpenStackAdapter, vm_key: str, disk_key: int) -> 
             v
             for v in bs.volumes(details=True, properties=json.dumps(wanted))
             if all(v.metadata.get(k) == val for k, val in wanted.items())
+            # converted clones carry the same identity plus a role; the replica has none
+            and not v.metadata.get(ROLE_KEY)
         ],
     )
     if len(found) > 1:

@@ -7,79 +7,28 @@ session is left running; one the session started is stopped unless VMFERRY_LAB_K
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import missing_component
+from vmferry.cli.oslab import LAB_SCRIPTS, OpenStackLab, load_lab
 
-REPO = Path(__file__).resolve().parents[2]
-LAB_SCRIPTS = REPO / "lab" / "openstack"
+__all__ = ["OpenStackLab", "openstack_lab", "wait_for"]
 # A start on a fresh machine installs packages and builds the lab's venv (~2 min) before starting
 # the lab (~1.5-2 min); it must finish inside the tests' 900 s pytest timeout.
 START_TIMEOUT = 840
 HOW = "run lab/openstack/start (needs root or sudo for apt, and PyPI access for the first venv build)"
 
 
-@dataclass(frozen=True)
-class OpenStackLab:
-    """What tests need to know about the running lab (from its lab.json)."""
-
-    clouds_yaml: Path
-    admin_cloud: str
-    member_cloud: str
-    project: str
-    network: str
-    volume_type: str
-    flavors: list[str]
-    compute_host: str
-    volumes_dir: Path
-    instances_dir: Path
-
-    def connect(self, cloud: str) -> Any:
-        """An openstacksdk connection to one of the lab's clouds (ignores OS_* variables)."""
-        from openstack import connection  # noqa: PLC0415
-        from openstack.config import loader  # noqa: PLC0415
-
-        config = loader.OpenStackConfig(config_files=[str(self.clouds_yaml)], load_envvars=False)
-        region = config.get_one(cloud=cloud)
-        return connection.Connection(config=region)
-
-    def backing_file(self, volume_id: str) -> Path:
-        """The file behind a Cinder volume."""
-        return self.volumes_dir / f"volume-{volume_id}"
-
-    def device_path(self, server_id: str, volume_id: str) -> Path:
-        """Where a server (e.g. the conversion host) sees an attached volume: its /dev/disk/by-id name."""
-        return self.instances_dir / server_id / "dev" / "disk" / "by-id" / f"virtio-{volume_id[:20]}"
-
-
 def _run(script: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(LAB_SCRIPTS / script)], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def _load(facts_file: Path) -> OpenStackLab:
-    facts = json.loads(facts_file.read_text())
-    return OpenStackLab(
-        clouds_yaml=Path(facts["clouds_yaml"]),
-        admin_cloud=facts["admin_cloud"],
-        member_cloud=facts["member_cloud"],
-        project=facts["project"],
-        network=facts["network"],
-        volume_type=facts["volume_type"],
-        flavors=facts["flavors"],
-        compute_host=facts["compute_host"],
-        volumes_dir=Path(facts["volumes_dir"]),
-        instances_dir=Path(facts["instances_dir"]),
     )
 
 
@@ -102,7 +51,7 @@ def openstack_lab() -> Iterator[OpenStackLab]:
             missing_component("the OpenStack lab", f"{HOW}; it failed:\n{tail}")
     # Both scripts end their output with the clouds.yaml path; lab.json sits beside it.
     clouds_yaml = Path(status.stdout.split()[-1])
-    lab = _load(clouds_yaml.parent / "lab.json")
+    lab = load_lab(clouds_yaml.parent / "lab.json")
     try:
         yield lab
     finally:
