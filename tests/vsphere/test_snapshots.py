@@ -14,6 +14,7 @@ from pyVmomi import vim
 
 from tests.vsphere.lab import KIB, MIB, Lab, VmSpec, blocks_of, write
 from vmferry.adapters.vsphere.client import VsphereClient
+from vmferry.adapters.vsphere.inventory import find_vm
 from vmferry.adapters.vsphere.snapshots import (
     PassSnapshot,
     _page_areas,
@@ -277,3 +278,15 @@ def test_inconsistent_answers_are_refused() -> None:
         with pytest.raises(PermanentError, match=message):
             _page_areas(info, offset, capacity, 1, 0)
     assert merge_extents([(10, 5), (0, 10), (30, 1), (15, 1)]) == [(0, 16), (30, 1)]
+
+
+def test_vms_are_found_by_uuid_after_changed_block_queries(lab: Lab, client: VsphereClient) -> None:
+    """vcsim-ferry registers a helper object per queried VM; lookups walking the inventory must
+    survive it (they used to panic whenever the walk reached it before the VM)."""
+    vms = [make_vm(lab, f"queried-{i}", disks=1) for i in range(4)]
+    for vm in vms:
+        taken = take(client, vm, 1, require_change_ids=True)
+        changed_areas(client, vm._moId, taken.snapshot_moref, taken.disks[0], None)
+        release_pass(client, vm._moId, "req-1", 1)
+    for _ in range(10):  # the walk's order is random: repeat it
+        assert [find_vm(client, vm.config.instanceUuid) for vm in vms] == [vm._moId for vm in vms]

@@ -17,6 +17,7 @@ import (
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
 )
@@ -118,7 +119,12 @@ func endpointRef(vm string) types.ManagedObjectReference {
 }
 
 // cbtEndpoint answers QueryChangedDiskAreas for the VM with the same reference value.
+//
+// vcsim walks every registered object in some calls (SearchIndex.FindByUuid among them) and
+// digs out each object's embedded managed-object type, panicking for an object without one;
+// the embedded ExtensibleManagedObject gives it one that no VM lookup mistakes for a VM.
 type cbtEndpoint struct {
+	mo.ExtensibleManagedObject
 	self    types.ManagedObjectReference
 	tracker *tracker
 }
