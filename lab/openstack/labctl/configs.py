@@ -159,6 +159,10 @@ def cinder(ctx: Context) -> Sections:
                 "rootwrap_config": str(ctx.venv / "etc" / "cinder" / "rootwrap.conf"),
                 # Without it Cinder rejects every list filter (e.g. ?name=) with 400.
                 "resource_query_filters_file": str(lab.etc / "cinder" / "resource_filters.json"),
+                # Tests run side by side and each VM has replicas and clones: 10 volumes (the
+                # default) run out; gigabytes keep their default so quota errors stay testable.
+                "quota_volumes": "200",
+                "quota_snapshots": "200",
             },
             "database": {"connection": ctx.db("cinder")},
             "keystone_authtoken": ctx.authtoken("cinder"),
