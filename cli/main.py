@@ -360,6 +360,35 @@ def cutover_cmd(ctx: Ctx, key: str) -> None:
     _run(main())
 
 
+@cli.command("cancel")
+@click.argument("key")
+@click.option(
+    "--teardown", is_flag=True, help="Also remove the replicas and instance made on the destination."
+)
+@command
+def cancel_cmd(ctx: Ctx, key: str, teardown: bool) -> None:
+    """Cancel a VM's migration: remove its snapshots, power the source back on if vmferry stopped it."""
+    from vmferry.cli.operate import cancel  # noqa: PLC0415
+
+    async def main() -> None:
+        async with session(ctx.settings) as s:
+            done = await cancel(s, ctx.settings, await _resolve_key(s, key), os.environ.get("USER"), teardown)
+        if ctx.json:
+            output.emit_json(done.__dict__)
+            return
+        output.console.print(
+            f"{done.key}: cancelled (request {done.request_id}); snapshots removed:"
+            f" {', '.join(done.snapshots_removed) or 'none'}"
+            + (
+                f"; removed on the destination: {', '.join(done.destination_removed) or 'nothing'}"
+                if teardown
+                else ""
+            )
+        )
+
+    _run(main())
+
+
 def _asked(ctx: Ctx, asked: Any) -> None:
     if ctx.json:
         output.emit_json(asked.__dict__)

@@ -86,12 +86,10 @@ def build_registry(deps: Dependencies) -> Registry:
     workers = deps.concurrency.get
     return Registry(
         [
-            intake.definition(
-                intake.Intake(deps.known_sources, deps.known_destinations), workers("intake")
-            ),
+            intake.definition(intake.Intake(deps.known_sources, deps.known_destinations), workers("intake")),
             discover.definition(discover.Discover(deps.vsphere), workers("discover")),
-            snapshot.definition(snapshot.Snapshot(deps.vsphere), workers("snapshot")),
-            snapshot.pass_definition(snapshot.PassSnapshot(deps.vsphere), workers("snapshot-pass")),
+            snapshot.definition(snapshot.Snapshot(deps.vsphere, deps.bus), workers("snapshot")),
+            snapshot.pass_definition(snapshot.PassSnapshot(deps.vsphere, deps.bus), workers("snapshot-pass")),
             transfer.definition(
                 transfer.Transfer(
                     clients=deps.vsphere,
@@ -116,7 +114,7 @@ def build_registry(deps: Dependencies) -> Registry:
                 ),
                 workers("convert"),
             ),
-            launch.definition(launch.Launch(deps.openstack), workers("launch")),
+            launch.definition(launch.Launch(deps.openstack, deps.bus), workers("launch")),
             cutover.restore_definition(cutover.Restore(deps.vsphere, deps.bus), workers("restore")),
         ]
     )

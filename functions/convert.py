@@ -53,6 +53,7 @@ from vmferry.bus.errors import FerryError, PermanentError, RetryableError
 from vmferry.bus.function import Emit, FunctionDef, RetryPolicy, StepContext
 from vmferry.bus.handles import BusHandle
 from vmferry.bus.state import Mutation
+from vmferry.functions.guards import is_cancelled
 from vmferry.schemas.events import ConversionDone, GuestInspection, VmSynced
 from vmferry.schemas.request import DestinationRef, MigrationPlan
 from vmferry.schemas.state import StepProgress, VmState
@@ -114,7 +115,7 @@ class Convert:
     async def __call__(self, event: CloudEvent[VmSynced], context: StepContext) -> Sequence[Emit]:
         """Convert the final pass's volumes (or find them converted) and emit conversion.done."""
         synced = event.data
-        if not synced.final:
+        if not synced.final or await is_cancelled(self.bus, synced.vm_key, synced.request_id, "convert"):
             return []
         mode = synced.plan.options.conversion
         if mode == "skip":

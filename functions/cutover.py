@@ -23,6 +23,7 @@ from vmferry.bus.cloudevents import CloudEvent
 from vmferry.bus.errors import RetryableError
 from vmferry.bus.function import Emit, FunctionDef, StepContext
 from vmferry.bus.handles import BusHandle
+from vmferry.functions.guards import is_cancelled
 from vmferry.schemas.base import instance_uuid_of
 from vmferry.schemas.events import CbtDeltaRequested, CutoverRequested, MigrationFailed
 from vmferry.schemas.state import SourcePower, VmState
@@ -65,6 +66,8 @@ class Cutover:
     async def __call__(self, event: CloudEvent[CutoverRequested], context: StepContext) -> Sequence[Emit]:
         """Stop the source (graceful, then hard) and ask for the final pass."""
         asked = event.data
+        if await is_cancelled(self.bus, asked.vm_key, asked.request_id, "cutover"):
+            return []
         state, _ = await self.bus.state.get(asked.vm_key)
         if _in_flight(state):
             raise RetryableError(

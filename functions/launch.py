@@ -20,6 +20,8 @@ from vmferry.adapters.openstack.model import VmSpec
 from vmferry.bus.cloudevents import CloudEvent
 from vmferry.bus.errors import PermanentError
 from vmferry.bus.function import Emit, FunctionDef, StepContext
+from vmferry.bus.handles import BusHandle
+from vmferry.functions.guards import is_cancelled
 from vmferry.schemas.events import ConversionDone, InstanceCreated, MigrationCompleted
 from vmferry.schemas.request import DestinationRef
 
@@ -32,6 +34,7 @@ class Launch:
     """The handler; dependencies are injected by whoever builds the registry."""
 
     adapters: AdapterFactory
+    bus: BusHandle | None = None
     #: extra specs every picked flavor must carry (e.g. an AZ's or host aggregate's)
     required_extra_specs: Mapping[str, str] = field(default_factory=dict)
     active_timeout: float = 900.0
@@ -39,6 +42,8 @@ class Launch:
     async def __call__(self, event: CloudEvent[ConversionDone], context: StepContext) -> Sequence[Emit]:
         """Create or find the instance, wait for ACTIVE, emit instance.created."""
         done = event.data
+        if await is_cancelled(self.bus, done.vm_key, done.request_id, "launch"):
+            return []
         if not done.volume_ids:
             raise PermanentError(f"conversion.done for {done.vm_key} lists no volumes", "re-run the copy")
         spec = VmSpec.of_inventory(done.vm_key, done.vm)

@@ -20,6 +20,7 @@ from vmferry.adapters.vsphere.aio import AsyncVsphere
 from vmferry.bus.cloudevents import CloudEvent
 from vmferry.bus.function import Emit, FunctionDef, StepContext
 from vmferry.bus.handles import BusHandle
+from vmferry.functions.guards import is_cancelled
 from vmferry.schemas.events import CutoverRequested, SyncedVolume, VmSynced, VolumeSynced
 from vmferry.schemas.state import PassSync, SyncedDisk, VmState
 
@@ -81,6 +82,8 @@ class Settle:
         if sync is None or sync.pass_no != synced.pass_no or sync.completed_by != synced.disk_key:
             return []
         await self._release_snapshot(synced)
+        if await is_cancelled(self.bus, synced.vm_key, synced.request_id, "settle"):
+            return []
         done = VmSynced(
             request_id=synced.request_id,
             vm_key=synced.vm_key,

@@ -24,6 +24,8 @@ from vmferry.adapters.vsphere.snapshots import PassSnapshot as TakenPass
 from vmferry.bus.cloudevents import CloudEvent
 from vmferry.bus.errors import PermanentError
 from vmferry.bus.function import Emit, FunctionDef, StepContext
+from vmferry.bus.handles import BusHandle
+from vmferry.functions.guards import is_cancelled
 from vmferry.schemas.base import instance_uuid_of
 from vmferry.schemas.events import (
     CbtDeltaRequested,
@@ -111,10 +113,13 @@ class Snapshot:
     """Handles ``vm.discovered``; ``clients`` gives a connected vSphere client per source name."""
 
     clients: ClientFactory
+    bus: BusHandle | None = None
 
     async def __call__(self, event: CloudEvent[VmDiscovered], context: StepContext) -> Sequence[Emit]:
         """Warm: take the first precopy pass. Cold: ask for cutover (stop first, then one pass)."""
         vm = event.data
+        if await is_cancelled(self.bus, vm.vm_key, vm.request_id, "snapshot"):
+            return []
         if vm.plan.mode == "cold":
             cutover = CutoverRequested(
                 request_id=vm.request_id, vm_key=vm.vm_key, plan=vm.plan, requested_by="cold migration"
@@ -130,10 +135,13 @@ class PassSnapshot:
     """Handles ``cbt.delta.requested``: a later precopy pass, or the final one at cutover."""
 
     clients: ClientFactory
+    bus: BusHandle | None = None
 
     async def __call__(self, event: CloudEvent[CbtDeltaRequested], context: StepContext) -> Sequence[Emit]:
         """Read the VM again and take pass N (final when the reason is cutover)."""
         asked = event.data
+        if await is_cancelled(self.bus, asked.vm_key, asked.request_id, "snapshot-pass"):
+            return []
         client = await self.clients(asked.plan.source.name)
         vm = await _rediscover(client, asked)
         job = _Pass(asked.request_id, asked.vm_key, asked.plan, vm, asked.pass_no, asked.reason == "cutover")

@@ -78,6 +78,7 @@ from vmferry.bus.errors import FerryError, PermanentError, RetryableError
 from vmferry.bus.function import Emit, FunctionDef, StepContext
 from vmferry.bus.handles import BusHandle
 from vmferry.bus.state import Mutation
+from vmferry.functions.guards import is_cancelled
 from vmferry.schemas.events import DiskSnapshotReady, VolumeSynced
 from vmferry.schemas.request import DestinationRef, MigrationPlan
 from vmferry.schemas.state import DiskProgress, VmState
@@ -277,6 +278,8 @@ class Transfer:
     async def __call__(self, event: CloudEvent[DiskSnapshotReady], context: StepContext) -> Sequence[Emit]:
         """Find or create the volume, copy the pass onto it (or find it copied), emit volume.synced."""
         ready = event.data
+        if await is_cancelled(self.bus, ready.vm_key, ready.request_id, "transfer"):
+            return []
         spec = VmSpec.of_inventory(ready.vm_key, ready.vm)
         if ready.disk.key not in {d.key for d in ready.vm.disks}:
             raise PermanentError(

@@ -101,6 +101,14 @@ class SourcePower(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     restored_at: datetime | None = None
 
 
+class Cancellation(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An operator cancelled this VM's migration under one request; later requests are unaffected."""
+
+    request_id: str
+    by: str | None = None
+    at: datetime
+
+
 class VmState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Everything known about one VM's migration (or one request, for ``req-`` keys)."""
 
@@ -118,6 +126,7 @@ class VmState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     #: passes completed for every disk (the next precopy pass is this + 1)
     passes_synced: int = 0
     source_power: SourcePower | None = None
+    cancelled: Cancellation | None = None
     failure: FailureRecord | None = None
     replays: int = 0
     last_event_type: str = ""
