@@ -116,6 +116,9 @@ class MigrationOptions(Contract, frozen=True, kw_only=True):
     local_disk_path: NonEmpty | None = None
     conversion_host: NonEmpty | None = None
     conversion: ConversionMode = "clone"
+    #: warm migrations: inspect the guest (virt-v2v-inspector on clones of the first pass) while
+    #: the source still runs, so "no root device", LUKS or unsupported filesystems show before cutover
+    inspect_before_cutover: bool = True
     disk_bus: DiskBus = "virtio-blk"
     flavor_policy: FlavorPolicy = "closest"
     create_ports: bool = True
