@@ -171,6 +171,15 @@ def _verify(lab: OpenStackLab, vm: DemoVm, volume_ids: list[str]) -> list[dict[s
     return results
 
 
+def _snapshots_left(vcsim: VcsimServer) -> list[str]:
+    """vmferry snapshots still on the source (there must be none after a migration)."""
+    builder = Lab(vcsim)
+    try:
+        return builder.vmferry_snapshots()
+    finally:
+        builder.close()
+
+
 def _passes(events: list[Recorded]) -> list[dict[str, int]]:
     """Bytes copied per pass, from the volume.synced events."""
     per_pass: dict[int, int] = {}
@@ -289,6 +298,7 @@ async def run_demo(*, as_json: bool = False, keep: bool = False) -> dict[str, An
             _say(as_json, f"OpenStack lab {lab.clouds_yaml}; conversion host {host}")
             settings = demo_settings(state_dir, url, vcsim, lab, host)
             summary = await _run_chain(settings, lab, vm, as_json)
+            summary["snapshots_left"] = _snapshots_left(vcsim)
         if as_json:
             output.emit_json(summary)
         else:

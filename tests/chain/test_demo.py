@@ -40,6 +40,7 @@ def test_the_demo_migrates_a_vm_with_two_changed_block_passes(
         "migration.completed",
     ]
     assert types.count("vm.synced") == 3 and types.count("cutover.requested") == 1
+    assert summary["snapshots_left"] == [], "every pass snapshot was released"
     assert summary["rejected"] == "failed" and "no-such-vcenter" in summary["rejection"]
 
     conn = openstack_lab.connect(openstack_lab.admin_cloud)
