@@ -77,6 +77,20 @@ async def find_server(adapter: OpenStackAdapter, vm_key: str, name: str) -> Any 
     return found[0] if found else None
 
 
+async def check_keypair(adapter: OpenStackAdapter, name: str) -> None:
+    """Fail before anything is made when the plan's key pair is missing (Nova only says "invalid")."""
+    found = await adapter.call(
+        f"finding key pair {name!r}", adapter.conn.compute.find_keypair, name, ignore_missing=True
+    )
+    if found is None:
+        raise PermanentError(
+            f"key pair {name!r} does not exist for the user vmferry authenticates as in cloud"
+            f" {adapter.auth.cloud!r}",
+            "key pairs belong to users, not projects: import the public key as that user"
+            " (openstack keypair create --public-key FILE NAME), or drop options.key_name",
+        )
+
+
 async def create_server(
     adapter: OpenStackAdapter,
     *,

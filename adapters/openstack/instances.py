@@ -57,6 +57,8 @@ async def launch(
     """Create (or find) the instance and wait for ACTIVE; a rerun creates nothing twice."""
     ordered = await ordered_volumes(adapter, spec, volume_ids)
     existing = await compute.find_server(adapter, spec.vm_key, spec.name)
+    if existing is None and plan.options.key_name:
+        await compute.check_keypair(adapter, plan.options.key_name)
     choice = await flavors.choose_flavor(adapter, spec, plan, required_extra_specs)
     ports = await ensure_ports(adapter, spec, plan)
     if existing is None:

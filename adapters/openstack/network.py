@@ -16,6 +16,9 @@ from vmferry.bus.errors import PermanentError
 from vmferry.schemas.events import NicInfo
 from vmferry.schemas.request import MigrationPlan, NetworkTarget
 
+#: IPv6 address modes in which Neutron assigns addresses itself (from the MAC)
+AUTOMATIC_IPV6_MODES = ("slaac", "dhcpv6-stateless")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAC_ROLE = (
     "the admin role (or a role Neutron's policy allows for create_port:mac_address and"
     " create_port:fixed_ips:ip_address, e.g. the network owner's)"
@@ -31,6 +34,8 @@ class PortTarget:
     subnet_id: str | None
     mac: str | None
     fixed_ips: tuple[str, ...]
+    #: each fixed IP with the id of the subnet it lies in
+    ip_subnets: tuple[tuple[str, str], ...] = ()
 
 
 def target_for(plan: MigrationPlan, nic: NicInfo) -> NetworkTarget:
@@ -45,7 +50,13 @@ def target_for(plan: MigrationPlan, nic: NicInfo) -> NetworkTarget:
 
 
 async def resolve_target(adapter: OpenStackAdapter, plan: MigrationPlan, nic: NicInfo) -> PortTarget:
-    """Resolve names to ids and check fixed IPs lie in the subnet (or some subnet) of the network."""
+    """Resolve names to ids and place each fixed IP in a subnet of the network.
+
+    An address goes to the mapped subnet when it has the address's IP version, else to the network's
+    subnets of that version (so a dual-stack NIC keeps its IPv6 address next to a mapped IPv4 subnet).
+    An IPv6 address in a SLAAC subnet cannot be set: Neutron derives it from the MAC itself, so it is
+    dropped when it is exactly that address and the MAC is kept, and is a clear error otherwise.
+    """
     net = adapter.conn.network
     target = target_for(plan, nic)
     network = await adapter.call(
@@ -60,29 +71,80 @@ async def resolve_target(adapter: OpenStackAdapter, plan: MigrationPlan, nic: Ni
             raise PermanentError(
                 f"subnet {target.subnet!r} is not on network {target.network!r}", "fix the network mapping"
             )
-    fixed = tuple(nic.ip_addresses) if plan.options.preserve_ip else ()
-    if fixed:
-        subnets = (
-            [subnet]
-            if subnet is not None
-            else await adapter.call(
-                "listing the network's subnets", lambda: list(net.subnets(network_id=network.id))
-            )
-        )
-        for address in fixed:
-            _check_in_subnets(address, subnets, target.network)
     mac = nic.mac.lower() if plan.options.preserve_mac else None
-    return PortTarget(nic, network.id, subnet.id if subnet is not None else None, mac, fixed)
+    fixed = [_parse(a, nic) for a in nic.ip_addresses] if plan.options.preserve_ip else []
+    every: list[Any] = []
+    if any(subnet is None or _version(subnet) != ip.version for ip in fixed):
+        every = await adapter.call(
+            "listing the network's subnets", lambda: list(net.subnets(network_id=network.id))
+        )
+    placed: list[tuple[str, str]] = []
+    for ip in fixed:
+        candidates = [subnet] if subnet is not None and _version(subnet) == ip.version else every
+        home = _home_subnet(ip, candidates, target.network)
+        if _automatic(home):
+            if mac is not None and ip == eui64_address(home.cidr, mac):
+                continue  # Neutron gives the port exactly this address itself
+            raise _slaac_refused(ip, home, mac)
+        placed.append((str(ip), home.id))
+    return PortTarget(
+        nic,
+        network.id,
+        subnet.id if subnet is not None else None,
+        mac,
+        tuple(ip for ip, _ in placed),
+        tuple(placed),
+    )
 
 
-def _check_in_subnets(address: str, subnets: list[Any], network: str) -> None:
-    ip = ipaddress.ip_address(address)
-    if not any(ip in ipaddress.ip_network(s.cidr) for s in subnets):
+def _parse(address: str, nic: NicInfo) -> IPAddress:
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        raise PermanentError(
+            f"NIC {nic.mac} reports {address!r}, which is not an IP address",
+            "fix the address in the VM inventory, or set options.preserve_ip: false",
+        ) from None
+
+
+def _version(subnet: Any) -> int:
+    return ipaddress.ip_network(subnet.cidr).version
+
+
+def _home_subnet(ip: IPAddress, subnets: list[Any], network: str) -> Any:
+    home = next(
+        (s for s in subnets if _version(s) == ip.version and ip in ipaddress.ip_network(s.cidr)), None
+    )
+    if home is None:
         cidrs = ", ".join(s.cidr for s in subnets) or "none"
         raise PermanentError(
-            f"fixed IP {address} is outside the subnets of network {network!r} ({cidrs})",
+            f"fixed IP {ip} is outside the subnets of network {network!r} ({cidrs})",
             "map the NIC to a network/subnet that contains the address, or set options.preserve_ip: false",
         )
+    return home
+
+
+def _automatic(subnet: Any) -> bool:
+    """Whether Neutron assigns the subnet's addresses from the MAC (SLAAC) instead of on request."""
+    return getattr(subnet, "ipv6_address_mode", None) in AUTOMATIC_IPV6_MODES
+
+
+def eui64_address(cidr: str, mac: str) -> ipaddress.IPv6Address:
+    """The SLAAC address of a MAC in a /64: modified EUI-64 (universal/local bit flipped, ff:fe inserted)."""
+    octets = bytes.fromhex(mac.replace(":", "").replace("-", ""))
+    interface_id = bytes([octets[0] ^ 0x02]) + octets[1:3] + b"\xff\xfe" + octets[3:6]
+    prefix = ipaddress.IPv6Network(cidr).network_address
+    return ipaddress.IPv6Address(int(prefix) | int.from_bytes(interface_id, "big"))
+
+
+def _slaac_refused(ip: IPAddress, subnet: Any, mac: str | None) -> PermanentError:
+    derived = f" (with the source MAC it would be {eui64_address(subnet.cidr, mac)})" if mac else ""
+    return PermanentError(
+        f"fixed IP {ip} lies in subnet {subnet.cidr}, whose addresses Neutron derives from the port's MAC"
+        f" (ipv6_address_mode {subnet.ipv6_address_mode}), so it cannot be set{derived}",
+        "map the NIC to a subnet with ipv6_address_mode dhcpv6-stateful (or none), or drop the address"
+        " (options.preserve_ip: false)",
+    )
 
 
 def subnet_for(address: str, subnets: list[Any]) -> Any | None:
@@ -148,7 +210,9 @@ async def ensure_port(
     attrs: dict[str, Any] = {"network_id": target.network_id, "name": name, "description": description}
     if target.mac:
         attrs["mac_address"] = target.mac
-    if target.fixed_ips:
+    if target.ip_subnets:
+        attrs["fixed_ips"] = [{"ip_address": ip, "subnet_id": subnet} for ip, subnet in target.ip_subnets]
+    elif target.fixed_ips:
         attrs["fixed_ips"] = [
             {"ip_address": ip} | ({"subnet_id": target.subnet_id} if target.subnet_id else {})
             for ip in target.fixed_ips

@@ -1,7 +1,7 @@
 """Removes exactly what vmferry created for one VM (found by identity), with a dry-run listing.
 
-Order: server (waits until gone), ports, volumes (after they detach), the VM's own flavor.
-Nothing without vmferry's identity marks is touched.
+Order: server (waits until gone), ports, volumes (after they detach), images (uploaded disks of the
+Glance path), the VM's own flavor. Nothing without vmferry's identity marks is touched.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-from vmferry.adapters.openstack import compute, flavors, network, volumes
+from vmferry.adapters.openstack import compute, flavors, images, network, volumes
 from vmferry.adapters.openstack.client import OpenStackAdapter, wait_until
 from vmferry.adapters.openstack.model import VmSpec
 
@@ -31,6 +31,7 @@ async def plan_teardown(adapter: OpenStackAdapter, spec: VmSpec) -> list[Removal
         removals.append(Removal("server", server.id, server.name))
     removals += [Removal("port", p.id, p.name) for p in await network.vm_ports(adapter, spec.vm_key)]
     removals += [Removal("volume", v.id, v.name) for v in await volumes.vm_volumes(adapter, spec.vm_key)]
+    removals += [Removal("image", i.id, i.name) for i in await images.vm_images(adapter, spec.vm_key)]
     compute_api = adapter.conn.compute
     name = flavors.vm_flavor_name(spec)
     flavor = await adapter.call("finding the VM's flavor", compute_api.find_flavor, name)
@@ -67,6 +68,8 @@ async def teardown(adapter: OpenStackAdapter, spec: VmSpec, dry_run: bool = Fals
             await adapter.call(
                 "deleting a volume", conn.block_storage.delete_volume, item.id, ignore_missing=True
             )
+        elif item.kind == "image":
+            await adapter.call("deleting an image", conn.image.delete_image, item.id, ignore_missing=True)
         elif item.kind == "flavor":
             await adapter.call(
                 "deleting the VM's flavor", conn.compute.delete_flavor, item.id, ignore_missing=True

@@ -104,7 +104,9 @@ async def _create_volume(adapter: OpenStackAdapter, spec: VmSpec, disk: DiskInfo
     return await adapter.call("creating a volume", bs.create_volume, **attrs)
 
 
-async def wait_for_volume(adapter: OpenStackAdapter, volume_id: str, statuses: set[str]) -> Any:
+async def wait_for_volume(
+    adapter: OpenStackAdapter, volume_id: str, statuses: set[str], timeout: float = VOLUME_TIMEOUT
+) -> Any:
     """Wait (with backoff) for a volume to reach one of ``statuses``; its error state is permanent."""
     bs = adapter.conn.block_storage
 
@@ -116,7 +118,7 @@ async def wait_for_volume(adapter: OpenStackAdapter, volume_id: str, statuses: s
             )
         return volume if volume.status in statuses else None
 
-    return await wait_until(f"volume {volume_id} to be {'/'.join(sorted(statuses))}", probe, VOLUME_TIMEOUT)
+    return await wait_until(f"volume {volume_id} to be {'/'.join(sorted(statuses))}", probe, timeout)
 
 
 async def record_pass(
