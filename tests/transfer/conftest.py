@@ -36,6 +36,7 @@ from vmferry.bus.handles import BusHandle
 from vmferry.bus.naming import Naming
 from vmferry.bus.provision import provision
 from vmferry.bus.state import StateStore
+from vmferry.cli.oslab import ensure_conversion_host
 from vmferry.functions.transfer import Transfer
 from vmferry.schemas.events import DiskSnapshotReady, VmInventory, VolumeSynced
 from vmferry.schemas.request import (
@@ -266,27 +267,15 @@ async def admin(openstack_lab: OpenStackLab) -> AsyncIterator[OpenStackAdapter]:
 @pytest.fixture(scope="session")
 def conversion_host(openstack_lab: OpenStackLab) -> Iterator[str]:  # noqa: F811
     """A server standing for the conversion host (volumes attached to it show under its device root)."""
-    conn = openstack_lab.connect(openstack_lab.admin_cloud)
-    flavor = conn.compute.find_flavor(openstack_lab.flavors[0], ignore_missing=False)
-    blank_root = {
-        "boot_index": 0,
-        "source_type": "blank",
-        "destination_type": "volume",
-        "volume_size": 1,
-        "delete_on_termination": True,
-    }
-    server = conn.compute.create_server(
-        name=f"xfer-conversion-host-{uuid.uuid4().hex[:6]}",
-        flavor_id=flavor.id,
-        networks="none",
-        block_device_mapping=[blank_root],
-    )
+    server_id = ensure_conversion_host(openstack_lab, f"xfer-conversion-host-{uuid.uuid4().hex[:6]}")
     try:
-        server = conn.compute.wait_for_server(server, wait=300)
-        yield str(server.id)
+        yield server_id
     finally:
-        conn.compute.delete_server(server, ignore_missing=True)
-        conn.compute.wait_for_delete(server, wait=300)
+        conn = openstack_lab.connect(openstack_lab.admin_cloud)
+        server = conn.compute.find_server(server_id)
+        if server is not None:
+            conn.compute.delete_server(server)
+            conn.compute.wait_for_delete(server, wait=300)
         conn.close()
 
 
