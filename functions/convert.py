@@ -1,6 +1,6 @@
 """convert: makes a VM's synced disks boot on KVM with virt-v2v-in-place and emits ``conversion.done``.
 
-It consumes ``vm.synced`` and acts on the final pass only. ``plan.options.conversion`` decides how:
+It consumes ``vm.synced`` and converts on the final pass. ``plan.options.conversion`` decides how:
 
 * ``clone`` (default): every replica is cloned in Cinder, the clones are attached to the conversion
   host and converted there, all disks at once; the replicas are never written, so a failed attempt
@@ -11,62 +11,63 @@ It consumes ``vm.synced`` and acts on the final pass only. ``plan.options.conver
 Converted volumes are marked in their metadata (with the inspection and the log reference), so a
 redelivery emits ``conversion.done`` again without running virt-v2v a second time. The full tool logs
 of every attempt go to the object store; the converter's progress goes to the VM's state.
+
+On the first pass of a warm migration (the source still runs) it inspects the guest instead, on
+throw-away clones, so what would stop the conversion is reported before cutover (``inspection``);
+it emits nothing then, other precopy passes it ignores.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import shutil
-import threading
-import time
-import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-
-import msgspec
 
 from vmferry.adapters.conversion import (
     BlockDriver,
     ConversionError,
     ConversionOptions,
     ConversionResult,
-    ConvertedRecord,
     Converter,
     FailureKind,
-    Firmware,
     GuestSpec,
     HostConfig,
-    Inspection,
-    Progress,
-    SourceDisk,
-    SourceNic,
 )
 from vmferry.adapters.openstack import clones, compute
 from vmferry.adapters.openstack.client import OpenStackAdapter
 from vmferry.adapters.openstack.clones import ConversionState, ConvertedMark, DiskVolume
 from vmferry.bus.cloudevents import CloudEvent
-from vmferry.bus.errors import FerryError, PermanentError, RetryableError
+from vmferry.bus.errors import PermanentError
 from vmferry.bus.function import Emit, FunctionDef, RetryPolicy, StepContext
 from vmferry.bus.handles import BusHandle
-from vmferry.bus.state import Mutation
+from vmferry.functions.convert_support import (
+    AdapterFactory,
+    ConversionHost,
+    DeviceRoot,
+    Heartbeats,
+    ProgressReporter,
+    RunLedger,
+    check_guest_facts,
+    check_work_root,
+    clean_work,
+    conversion_failure,
+    guest_inspection,
+    guest_spec,
+    new_attempt,
+    production_root,
+    release_quietly,
+    run_blocking,
+    store_logs,
+    work_dir,
+)
 from vmferry.functions.guards import is_cancelled
+from vmferry.functions.inspection import Inspector, wants_inspection
 from vmferry.schemas.events import ConversionDone, GuestInspection, VmSynced
-from vmferry.schemas.request import DestinationRef, MigrationPlan
-from vmferry.schemas.state import StepProgress, VmState
 
 log = logging.getLogger(__name__)
 
 STEP = "convert"
-#: an adapter for a configured destination (clouds.yaml entry, project, region)
-AdapterFactory = Callable[[DestinationRef], Awaitable[OpenStackAdapter]]
-#: the server id of the conversion host (the machine this process runs on) for a plan's destination
-ConversionHost = Callable[[MigrationPlan], str]
-#: where the conversion host's /dev is seen from this process: "/" in production
-DeviceRoot = Callable[[str], Path]
 
 #: failures that stop virt-v2v before it writes to the guest: an in-place replica is still intact
 #: (not APPLIANCE_FAILED: it also covers a qemu killed part-way through the conversion)
@@ -82,17 +83,8 @@ _NOTHING_WRITTEN = frozenset(
         FailureKind.TOOL_MISSING,
     }
 )
-#: longer roots push the sockets nbdkit/libguestfs make in <root>/<attempt>/scratch/v2v.XXXXXX/ past
-#: the 107-byte limit of Unix socket paths ("nbdkit: -U: path too long")
-MAX_WORK_ROOT = 64
-_MAX_CAUSE = 3800  # migration.failed's cause holds 4096 characters
-_MAX_LINE = 300
 # Share of the progress bar outside the converter's own reports.
 _CONVERT_START, _CONVERT_END = 5.0, 95.0
-
-
-def _production_root(_server_id: str) -> Path:
-    return Path("/")
 
 
 @dataclass(frozen=True)
@@ -105,7 +97,7 @@ class Convert:
     #: per-attempt working folders (scratch, tool logs) go below this, on the conversion host
     work_root: Path
     conversion_host: ConversionHost
-    device_root: DeviceRoot = _production_root
+    device_root: DeviceRoot = production_root
     timeout_s: float = 4 * 3600.0
     clone_timeout: float = clones.CLONE_TIMEOUT
     progress_every: float = 2.0
@@ -113,19 +105,24 @@ class Convert:
     keep_work_dirs: bool = False
 
     async def __call__(self, event: CloudEvent[VmSynced], context: StepContext) -> Sequence[Emit]:
-        """Convert the final pass's volumes (or find them converted) and emit conversion.done."""
+        """Convert the final pass's volumes (or find them converted) and emit conversion.done; inspect
+        the guest on the first pass of a warm migration."""
         synced = event.data
-        if not synced.final or await is_cancelled(self.bus, synced.vm_key, synced.request_id, "convert"):
+        if not synced.final:
+            if wants_inspection(synced) and not await self._cancelled(synced):
+                await self.inspector()(event, context)
+            return []
+        if await self._cancelled(synced):
             return []
         mode = synced.plan.options.conversion
         if mode == "skip":
             return [done_event(synced, [v.volume_id for v in synced.volumes], GuestInspection(), None)]
-        _check_guest_facts(synced)
-        self._check_work_root()
+        check_guest_facts(synced)
+        check_work_root(self.work_root)
         adapter = await self.adapters(synced.plan.destination)
         server_id = self.conversion_host(synced.plan)
         progress = ProgressReporter(self.bus, synced.vm_key, synced.request_id, self.progress_every)
-        attempt = _new_attempt()
+        attempt = new_attempt()
         if mode == "clone":
             disks = await self._clones(adapter, synced, server_id, attempt, progress)
         else:
@@ -138,7 +135,7 @@ class Convert:
             paths = [await compute.attach(adapter, server_id, d.volume_id, root) for d in disks]
             mark = await self._convert(adapter, synced, disks, paths, attempt, context, progress)
         except Exception:  # a cancelled task (shutdown) leaves this to the next attempt
-            await _release_quietly(adapter, server_id, disks)
+            await release_quietly(adapter, server_id, [d.volume_id for d in disks])
             raise
         for disk in disks:
             await clones.set_mark(adapter, disk.volume_id, mark)
@@ -147,13 +144,24 @@ class Convert:
         await progress.report(100.0, "converted", force=True)
         return [done_event(synced, [d.volume_id for d in disks], mark.inspection, mark.log_ref)]
 
-    def _check_work_root(self) -> None:
-        if len(str(self.work_root)) > MAX_WORK_ROOT:
-            raise PermanentError(
-                f"the conversion work folder {self.work_root} is longer than {MAX_WORK_ROOT} characters:"
-                " nbdkit and libguestfs create Unix sockets below it, whose paths may not exceed 107 bytes",
-                "set the conversion host's work_dir to a shorter path",
-            )
+    def inspector(self) -> Inspector:
+        """The pre-flight inspection, on the same conversion host and settings."""
+        return Inspector(
+            adapters=self.adapters,
+            bus=self.bus,
+            host=self.host,
+            work_root=self.work_root,
+            conversion_host=self.conversion_host,
+            device_root=self.device_root,
+            timeout_s=self.timeout_s,
+            clone_timeout=self.clone_timeout,
+            progress_every=self.progress_every,
+            heartbeat_every=self.heartbeat_every,
+            keep_work_dirs=self.keep_work_dirs,
+        )
+
+    async def _cancelled(self, synced: VmSynced) -> bool:
+        return await is_cancelled(self.bus, synced.vm_key, synced.request_id, STEP)
 
     async def _clones(
         self,
@@ -219,8 +227,7 @@ class Convert:
         progress: ProgressReporter,
     ) -> ConvertedMark:
         """Run the converter over all disks at once; store its logs; map its failures."""
-        # Short on purpose: nbdkit and libguestfs put Unix sockets in the scratch folder below it.
-        work = self.work_root / attempt.rsplit("-", 1)[-1]
+        work = work_dir(self.work_root, attempt)
         guest = guest_spec(synced, disks, paths)
         options = ConversionOptions(
             work_dir=work,
@@ -262,48 +269,19 @@ class Convert:
         progress: ProgressReporter,
     ) -> ConversionResult:
         """The blocking converter on a worker thread; heartbeats and progress writes meanwhile."""
-        loop = asyncio.get_running_loop()
-        cancel = threading.Event()
-        converter = Converter(self.host, _ThisRunLedger())
-
-        def on_progress(report: Progress) -> None:  # on the worker thread
-            percent = _CONVERT_START + (_CONVERT_END - _CONVERT_START) * report.fraction
-            loop.call_soon_threadsafe(progress.offer, percent, f"{report.stage}: {report.message}")
-
-        work = asyncio.ensure_future(
-            asyncio.to_thread(converter.convert, guest, options, on_progress, cancel)
+        converter = Converter(self.host, RunLedger())
+        beats = Heartbeats(context, progress, self.heartbeat_every, (_CONVERT_START, _CONVERT_END))
+        return await run_blocking(
+            lambda on_progress, cancel: converter.convert(guest, options, on_progress, cancel), beats
         )
-        tick = max(min(1.0, self.progress_every / 2), 0.05)
-        next_beat = time.monotonic() + self.heartbeat_every
-        try:
-            while not work.done():
-                await asyncio.wait({work}, timeout=tick)
-                await progress.flush()
-                if time.monotonic() >= next_beat:
-                    next_beat = time.monotonic() + self.heartbeat_every
-                    with contextlib.suppress(Exception):  # the runner's own heartbeats go on regardless
-                        await context.heartbeat()
-        except BaseException:
-            cancel.set()  # the tool's whole process group is stopped; nothing is left running
-            raise
-        return work.result()
 
     async def _store_logs(self, work: Path, vm_key: str, attempt: str) -> str | None:
-        """Keep every tool log of the attempt in the object store as one file; its reference, or None
-        when there is nothing to store or the store failed (the files then stay on the host)."""
-        combined = work / "conversion.log"
-        if not await asyncio.to_thread(combine_logs, work / "logs", combined):
-            return None
-        try:
-            return await self.bus.store_log(f"{vm_key}/convert-{attempt}.log", combined)
-        except Exception:
-            log.exception("could not store the conversion log %s; it stays on this host", combined)
-            return None
+        """Keep every tool log of the attempt in the object store as one file (None: not stored)."""
+        return await store_logs(self.bus, work, "conversion.log", f"{vm_key}/convert-{attempt}.log")
 
     async def _clean(self, work: Path, log_ref: str | None) -> None:
-        """Remove the attempt's folder once its logs are safe (it holds scratch files and logs only)."""
-        if log_ref is not None and not self.keep_work_dirs:
-            await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
+        """Remove the attempt's folder once its logs are safe."""
+        await clean_work(work, log_ref, self.keep_work_dirs)
 
 
 def definition(handler: Convert, concurrency: int | None = None) -> FunctionDef[VmSynced]:
@@ -319,7 +297,8 @@ def definition(handler: Convert, concurrency: int | None = None) -> FunctionDef[
         heartbeat_every=15.0,
         max_deliver=4,
         retry=RetryPolicy(delays=(30.0, 120.0, 600.0)),
-        description="converts the VM's synced disks (Cinder clones by default) to boot on KVM with virt-v2v",
+        description="converts the VM's synced disks (Cinder clones by default) to boot on KVM with virt-v2v;"
+        " on a warm migration's first pass it inspects the guest before cutover",
     )
 
 
@@ -337,163 +316,3 @@ def done_event(
         log_ref=log_ref,
     )
     return Emit(synced.vm_key, done)
-
-
-def _nics(synced: VmSynced) -> tuple[SourceNic, ...]:
-    return tuple(
-        SourceNic(mac=nic.mac, model=nic.adapter_type or "vmxnet3", network=nic.network or "VM Network")
-        for nic in synced.vm.nics
-    )
-
-
-def _check_guest_facts(synced: VmSynced) -> None:
-    """Bad facts fail before anything is cloned."""
-    try:
-        _nics(synced)
-    except ValueError as error:
-        raise PermanentError(
-            f"the inventory of {synced.vm_key} has a NIC the converter cannot use: {error}",
-            "re-run discovery; report it if vSphere really shows this MAC",
-        ) from error
-
-
-def guest_spec(synced: VmSynced, disks: Sequence[DiskVolume], paths: Sequence[Path]) -> GuestSpec:
-    """The converter's view of the VM: every disk (in disk order, as attached devices), NICs, firmware."""
-    vm = synced.vm
-    guest = vm.guest_id.lower()
-    return GuestSpec(
-        name=vm.identity.name,
-        disks=tuple(
-            SourceDisk(path, "raw", identity=disk.volume_id) for disk, path in zip(disks, paths, strict=True)
-        ),
-        nics=_nics(synced),
-        firmware=Firmware.UEFI if vm.firmware == "efi" else Firmware.BIOS,
-        memory_mib=vm.memory_mib,
-        vcpus=vm.cpus,
-        os_hint="windows" if guest.startswith("win") else ("linux" if guest else None),
-    )
-
-
-def guest_inspection(inspection: Inspection) -> GuestInspection:
-    """The event's inspection from the converter's."""
-    return GuestInspection(
-        os_type=inspection.os_type,
-        distro=inspection.distribution,
-        version=f"{inspection.major_version}.{inspection.minor_version}",
-        product_name=inspection.product_name,
-        firmware="efi" if inspection.firmware is Firmware.UEFI else "bios",
-        root_device=inspection.root_device,
-    )
-
-
-def conversion_failure(error: ConversionError, log_ref: str | None, in_place: bool) -> FerryError:
-    """The runner's error for a failed conversion: the tool's decisive lines, the hint, the log."""
-    message = error.args[0] if error.args else str(error)
-    if log_ref:
-        where = f"full log: {log_ref}"
-    elif error.log_path is not None:
-        where = f"full log on the conversion host: {error.log_path}"
-    else:
-        where = "no tool ran"
-    lines = [line[:_MAX_LINE] for line in error.decisive_lines if line[:_MAX_LINE] not in message]
-    cause = "\n".join([str(message), *lines, where])
-    if len(cause) > _MAX_CAUSE:
-        keep = _MAX_CAUSE - len(where) - 5
-        cause = cause[:keep] + " ...\n" + where
-    fix = error.hint or "see the decisive lines and the full log of the run"
-    if not in_place:
-        fix += "; the replica volumes are untouched, a retry converts fresh clones"
-    if error.retryable:
-        return RetryableError(cause, fix)
-    return PermanentError(cause, fix)
-
-
-def combine_logs(logs: Path, target: Path) -> bool:
-    """Concatenate the tool logs of one attempt (in the order they ran) into ``target``."""
-    files = sorted(logs.glob("*.log"), key=lambda path: path.stat().st_mtime) if logs.is_dir() else []
-    if not files:
-        return False
-    with target.open("wb") as out:
-        for path in files:
-            out.write(f"===== {path.name} ({path.stat().st_size} bytes) =====\n".encode())
-            with path.open("rb") as source:
-                shutil.copyfileobj(source, out)
-            out.write(b"\n")
-    return True
-
-
-def _new_attempt() -> str:
-    """A readable, unique id of one conversion attempt (names its logs, work folder and volume marks)."""
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
-
-
-async def _release_quietly(adapter: OpenStackAdapter, server_id: str, disks: Sequence[DiskVolume]) -> None:
-    """Detach after a failure without hiding it (the next attempt detaches leftovers anyway)."""
-    for disk in disks:
-        try:
-            await clones.release(adapter, server_id, disk.volume_id)
-        except Exception:
-            log.exception("could not detach %s from the conversion host after a failure", disk.volume_id)
-
-
-class _ThisRunLedger:
-    """The converter's ledger for one call: the durable record is the volumes' metadata, checked
-    before the converter runs, so here nothing is known converted and the record is only kept."""
-
-    def __init__(self) -> None:
-        self.records: list[ConvertedRecord] = []
-
-    def get(self, key: str) -> ConvertedRecord | None:
-        """Nothing converted (the handler checked the volumes' marks)."""
-        return None
-
-    def put(self, record: ConvertedRecord) -> None:
-        """Keep the record of this run."""
-        self.records.append(record)
-
-
-def with_progress(vm_key: str, request_id: str, progress: StepProgress) -> Mutation:
-    """A pure state mutation that records the conversion's progress (an older report changes nothing)."""
-
-    def mutate(state: VmState | None) -> VmState | None:
-        state = state or VmState(key=vm_key, request_id=request_id)
-        current = state.progress.get(STEP)
-        if current is not None and current.at and progress.at and current.at > progress.at:
-            return state
-        return msgspec.structs.replace(state, progress={**state.progress, STEP: progress})
-
-    return mutate
-
-
-@dataclass
-class ProgressReporter:
-    """Turns progress reports into VmState.progress["convert"], written at most every ``every`` s."""
-
-    bus: BusHandle
-    vm_key: str
-    request_id: str
-    every: float
-    pending: StepProgress | None = None
-    written_at: float = field(default=-1e9)
-
-    def offer(self, percent: float, detail: str) -> None:
-        """Remember the newest report (called on the event loop)."""
-        self.pending = StepProgress(
-            percent=round(min(max(percent, 0.0), 100.0), 1), detail=detail[:200], at=datetime.now(UTC)
-        )
-
-    async def report(self, percent: float, detail: str, force: bool = False) -> None:
-        """Offer and write (if due, or at once with ``force``)."""
-        self.offer(percent, detail)
-        await self.flush(force)
-
-    async def flush(self, force: bool = False) -> None:
-        """Write the newest report if one is pending and the last write is old enough."""
-        if self.pending is None or (not force and time.monotonic() - self.written_at < self.every):
-            return
-        progress, self.pending = self.pending, None
-        self.written_at = time.monotonic()
-        try:
-            await self.bus.state.update(self.vm_key, with_progress(self.vm_key, self.request_id, progress))
-        except Exception:  # progress is informative: never fail a conversion over it
-            log.warning("could not record conversion progress of %s", self.vm_key, exc_info=True)

@@ -1,4 +1,5 @@
-"""Cinder clones of replica volumes for guest conversion, and the conversion marks kept on volumes.
+"""Cinder clones of replica volumes for guest conversion and pre-flight inspection, and the conversion
+marks kept on volumes.
 
 In clone mode the replica (the volume the copy keeps in sync) is never written: conversion works on a
 Cinder clone of it, found again by identity metadata (VM, disk and role ``converted``), never by name.
@@ -6,6 +7,10 @@ A successful conversion marks the converted volumes (state ``done``, the inspect
 reference), so a redelivery finds them converted and never runs virt-v2v twice: it is not idempotent.
 A clone that is not marked done is only a leftover of a failed attempt and is deleted and made again,
 so every attempt starts from a pristine copy of the replica.
+
+The pre-flight inspection of a warm migration works on clones of role ``inspection``, made while later
+copy passes may still write the replicas: ``ReplicaState`` tells whether a replica is at rest (detached,
+holding a recorded pass) and whether it stayed so while it was cloned.
 """
 
 from __future__ import annotations
@@ -21,11 +26,20 @@ import msgspec
 
 from vmferry.adapters.openstack import compute
 from vmferry.adapters.openstack.client import OpenStackAdapter, wait_until
-from vmferry.adapters.openstack.model import DISK_KEY, MANAGED_KEY, ROLE_KEY, VM_KEY
+from vmferry.adapters.openstack.model import (
+    DISK_KEY,
+    MANAGED_KEY,
+    PASS_KEY,
+    REQUEST_KEY,
+    ROLE_KEY,
+    VM_KEY,
+)
 from vmferry.bus.errors import PermanentError, RetryableError
 from vmferry.schemas.events import GuestInspection, SyncedVolume
 
 CONVERTED_ROLE = "converted"
+#: clones the pre-flight inspection reads (and deletes again); never converted, never launched
+INSPECTION_ROLE = "inspection"
 #: how far the conversion of a volume got (see ConversionState)
 STATE_KEY = "vmferry_conversion"
 #: the attempt that made (clone mode) or started converting (in-place mode) the volume
@@ -114,17 +128,19 @@ class DiskVolume:
         return cls(disk_key, str(volume.id), dict(volume.metadata or {}))
 
 
-def clone_identity(vm_key: str, disk_key: int) -> dict[str, str]:
-    """The metadata that says "the conversion clone of this disk of this VM"."""
-    return {VM_KEY: vm_key, DISK_KEY: str(disk_key), MANAGED_KEY: "true", ROLE_KEY: CONVERTED_ROLE}
+def clone_identity(vm_key: str, disk_key: int, role: str = CONVERTED_ROLE) -> dict[str, str]:
+    """The metadata that says "the conversion (or inspection) clone of this disk of this VM"."""
+    return {VM_KEY: vm_key, DISK_KEY: str(disk_key), MANAGED_KEY: "true", ROLE_KEY: role}
 
 
-async def find_clones(adapter: OpenStackAdapter, vm_key: str, disk_key: int) -> list[Any]:
-    """Every conversion clone of one disk (normally none or one), by identity metadata."""
+async def find_clones(
+    adapter: OpenStackAdapter, vm_key: str, disk_key: int, role: str = CONVERTED_ROLE
+) -> list[Any]:
+    """Every clone of one disk in ``role`` (normally none or one), by identity metadata."""
     bs = adapter.conn.block_storage
-    wanted = clone_identity(vm_key, disk_key)
+    wanted = clone_identity(vm_key, disk_key, role)
     return await adapter.call(
-        "looking up conversion clones by identity metadata",
+        f"looking up {role} clones by identity metadata",
         lambda: [
             v
             for v in bs.volumes(details=True, properties=json.dumps(wanted))
@@ -211,7 +227,7 @@ def _check_source(vm_key: str, disk: DiskVolume, replica: SyncedVolume, pass_no:
 
 
 async def remove_clone(adapter: OpenStackAdapter, volume: Any, server_id: str) -> None:
-    """Delete a leftover clone (detaching it from the conversion host first) and wait until it is gone."""
+    """Delete a clone (detaching it from the conversion host first) and wait until it is gone."""
     bs = adapter.conn.block_storage
     volume = await wait_settled(adapter, str(volume.id))
     if volume is None:
@@ -220,19 +236,18 @@ async def remove_clone(adapter: OpenStackAdapter, volume: Any, server_id: str) -
     if attached:
         if attached != [server_id]:
             raise PermanentError(
-                f"leftover conversion clone {volume.id} is attached to {', '.join(map(str, attached))}",
+                f"clone {volume.id} is attached to {', '.join(map(str, attached))}, not to the conversion"
+                " host",
                 "detach it there (it is only a copy of the replica), then retry",
             )
         await compute.detach(adapter, server_id, volume.id)
-    await adapter.call(
-        "deleting a leftover conversion clone", bs.delete_volume, volume.id, ignore_missing=True
-    )
+    await adapter.call("deleting a clone of a replica", bs.delete_volume, volume.id, ignore_missing=True)
 
     async def gone() -> bool | None:
         found: Any = await adapter.call("reading a volume", bs.find_volume, volume.id, ignore_missing=True)
         if found is not None and found.status == "error_deleting":
             raise RetryableError(
-                f"Cinder could not delete leftover clone {volume.id}", "see cinder-volume's log; retry"
+                f"Cinder could not delete clone {volume.id}", "see cinder-volume's log; retry"
             )
         return True if found is None else None
 
@@ -262,25 +277,28 @@ async def create_clones(
     pass_no: int,
     attempt: str,
     timeout: float = CLONE_TIMEOUT,
+    role: str = CONVERTED_ROLE,
 ) -> list[DiskVolume]:
-    """Clone every replica (in parallel) and wait until the clones are available; disk order kept."""
+    """Clone every replica (in parallel) and wait until the clones are available; disk order kept.
+    Conversion clones start ``pending``; inspection clones carry no conversion state."""
     bs = adapter.conn.block_storage
 
     async def clone(replica: SyncedVolume) -> DiskVolume:
         source = await adapter.call("reading a replica volume", bs.get_volume, replica.volume_id)
-        metadata = clone_identity(vm_key, replica.disk_key) | {
-            STATE_KEY: ConversionState.PENDING.value,
+        metadata = clone_identity(vm_key, replica.disk_key, role) | {
             ATTEMPT_KEY: attempt,
             SOURCE_KEY: replica.volume_id,
             SOURCE_PASS_KEY: str(pass_no),
         }
+        if role == CONVERTED_ROLE:
+            metadata[STATE_KEY] = ConversionState.PENDING.value
         made = await adapter.call(
             "cloning a replica volume",
             bs.create_volume,
             size=source.size,
             source_volume_id=replica.volume_id,
-            name=f"{source.name or replica.volume_id}-converted"[:255],
-            description=f"vmferry conversion clone of disk {replica.disk_key} of {vm_key}",
+            name=f"{source.name or replica.volume_id}-{role}"[:255],
+            description=f"vmferry {role} clone of disk {replica.disk_key} of {vm_key}",
             metadata=metadata,
         )
         ready = await wait_settled(adapter, str(made.id), timeout)
@@ -314,3 +332,67 @@ async def release(adapter: OpenStackAdapter, server_id: str, volume_id: str) -> 
     volume = await adapter.call("reading a volume", bs.get_volume, volume_id)
     if any(a.get("server_id") == server_id for a in volume.attachments or []):
         await compute.detach(adapter, server_id, volume_id)
+
+
+async def remove_clones(
+    adapter: OpenStackAdapter, vm_key: str, disk_keys: Sequence[int], server_id: str, role: str
+) -> list[str]:
+    """Detach and delete every clone of the VM's disks in ``role`` (found by identity); their ids."""
+    removed: list[str] = []
+    for disk_key in disk_keys:
+        for volume in await find_clones(adapter, vm_key, disk_key, role):
+            await remove_clone(adapter, volume, server_id)
+            removed.append(str(volume.id))
+    return removed
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """What a clone of a replica depends on: whether something has it attached (a copy pass writing it,
+    an in-place conversion), which pass it holds, and Cinder's last change of it."""
+
+    volume_id: str
+    status: str
+    attached_to: tuple[str, ...]
+    request_id: str
+    pass_no: int
+    conversion: str
+    #: Cinder changes it on every attach and detach (not on cloning or metadata writes)
+    updated_at: str
+
+    @classmethod
+    def of(cls, volume: Any) -> ReplicaState:
+        """From an openstacksdk volume."""
+        meta = dict(volume.metadata or {})
+        recorded = str(meta.get(PASS_KEY) or "0")
+        return cls(
+            volume_id=str(volume.id),
+            status=str(volume.status),
+            attached_to=tuple(str(a.get("server_id")) for a in volume.attachments or []),
+            request_id=str(meta.get(REQUEST_KEY) or ""),
+            pass_no=int(recorded) if recorded.isdigit() else 0,
+            conversion=str(meta.get(STATE_KEY) or ""),
+            updated_at=str(volume.updated_at or ""),
+        )
+
+    def busy_because(self, request_id: str, pass_no: int) -> str | None:
+        """Why a clone made now might not hold a whole copy pass of ``request_id`` (None: at rest)."""
+        if self.status != "available" or self.attached_to:
+            return f"replica {self.volume_id} is {self.status} (a later copy pass or a conversion uses it)"
+        if self.conversion:
+            return f"replica {self.volume_id} is being converted in place ({self.conversion})"
+        if self.request_id != request_id:
+            return f"replica {self.volume_id} holds a pass of request {self.request_id or 'unknown'}"
+        if self.pass_no < pass_no:
+            return f"replica {self.volume_id} records pass {self.pass_no}, not pass {pass_no} or later"
+        return None
+
+
+async def replica_states(adapter: OpenStackAdapter, replicas: Sequence[SyncedVolume]) -> list[ReplicaState]:
+    """The replicas as Cinder sees them now, in disk order."""
+    bs = adapter.conn.block_storage
+    found = []
+    for replica in replicas:
+        volume = await adapter.call("reading a replica volume", bs.get_volume, replica.volume_id)
+        found.append(ReplicaState.of(volume))
+    return found

@@ -1,6 +1,7 @@
 """Fixtures for the convert function: a bus handle bound to a provisioned prefix, the OpenStack lab with a
-conversion-host server, replica volumes holding a test guest's bytes, hand-built vm.synced events, and
-stand-ins for libguestfs tools that fail the way a broken conversion host does (injected causes)."""
+conversion-host server, replica volumes holding a test guest's bytes (and the pass the copy recorded),
+hand-built vm.synced events (final or precopy, cold or warm), and stand-ins for libguestfs tools that
+fail the way a broken conversion host does (injected causes)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tests.conversion.conftest import CACHE
 from tests.openstack import conftest as openstack_fixtures
 from tests.openstack.conftest import OpenStackLab
 from vmferry.adapters.conversion import HostConfig
-from vmferry.adapters.openstack import teardown, volumes
+from vmferry.adapters.openstack import clones, teardown, volumes
 from vmferry.adapters.openstack.client import CloudAuth, OpenStackAdapter
 from vmferry.adapters.openstack.model import VmSpec, gib_for
 from vmferry.bus.cloudevents import CloudEvent
@@ -44,10 +45,12 @@ from vmferry.schemas.request import (
     DestinationRef,
     MigrationOptions,
     MigrationPlan,
+    Mode,
     SourceRef,
 )
 
 GIB = 1024**3
+REQUEST_ID = "req-convert"
 
 # The lab, the conversion toolchain check and the cached guest images, shared with their own test folders.
 openstack_lab = openstack_fixtures.openstack_lab
@@ -131,10 +134,11 @@ def conversion_host(openstack_lab: OpenStackLab) -> Iterator[str]:
         conn.close()
 
 
-def plan(lab: OpenStackLab, conversion: ConversionMode = "clone") -> MigrationPlan:
+def plan(lab: OpenStackLab, conversion: ConversionMode = "clone", mode: Mode = "cold") -> MigrationPlan:
     return MigrationPlan(
         source=SourceRef(name="lab"),
         destination=DestinationRef(cloud=lab.admin_cloud),
+        mode=mode,
         options=MigrationOptions(conversion=conversion),
     )
 
@@ -175,7 +179,8 @@ class Vm:
         return vm_key_for(self.instance_uuid)
 
     async def add_replica(self, image: Path | None, size_gib: int = 1) -> str:
-        """A replica volume as the copy leaves it (identity metadata, the guest's bytes in its file)."""
+        """A replica volume as the copy leaves it (identity metadata, the guest's bytes in its file, pass 1
+        of the request recorded)."""
         size = await asyncio.to_thread(lambda: image.stat().st_size) if image is not None else 0
         disk = DiskInfo(key=2000 + len(self.disks), capacity_bytes=max(size, size_gib * GIB))
         bs = self.adapter.conn.block_storage
@@ -189,6 +194,7 @@ class Vm:
         backing = self.lab.backing_file(made.id)
         if image is not None:
             await asyncio.to_thread(write_image, image, backing)
+        await volumes.record_pass(self.adapter, made.id, "52 aa-pass-1", 1, REQUEST_ID)
         self.disks.append(disk)
         self.replicas.append(
             SyncedVolume(disk_key=disk.key, volume_id=made.id, bytes_copied=disk.capacity_bytes)
@@ -196,12 +202,16 @@ class Vm:
         return str(made.id)
 
     def synced(
-        self, conversion: ConversionMode = "clone", macs: tuple[str, ...] = (), final: bool = True
+        self,
+        conversion: ConversionMode = "clone",
+        macs: tuple[str, ...] = (),
+        final: bool = True,
+        mode: Mode = "cold",
     ) -> CloudEvent[VmSynced]:
         data = VmSynced(
-            request_id="req-convert",
+            request_id=REQUEST_ID,
             vm_key=self.vm_key,
-            plan=plan(self.lab, conversion),
+            plan=plan(self.lab, conversion, mode),
             vm=inventory(self.instance_uuid, self.disks, macs),
             pass_no=1,
             final=final,
@@ -210,6 +220,13 @@ class Vm:
         return CloudEvent(
             id=uuid.uuid4().hex, type=VmSynced.spec.ce_type, source="test", subject=self.vm_key, data=data
         )
+
+    async def inspection_clones(self) -> list[Any]:
+        """The VM's inspection clones, found by identity as vmferry finds them."""
+        found: list[Any] = []
+        for disk in self.disks:
+            found += await clones.find_clones(self.adapter, self.vm_key, disk.key, clones.INSPECTION_ROLE)
+        return found
 
     def metadata(self, volume_id: str) -> dict[str, str]:
         return dict(self.adapter.conn.block_storage.get_volume(volume_id).metadata or {})
@@ -253,9 +270,10 @@ def handler(
     )
 
 
-def failing_tool(directory: Path, real: str, *output: str) -> str:
-    """A stand-in for ``real`` that prints ``output`` and exits 1, as a broken host would; the capability
-    probes (--version, --help, --machine-readable, virt-customize's dry run) still reach the real tool."""
+def failing_tool(directory: Path, real: str, *output: str, delay: float = 0.0) -> str:
+    """A stand-in for ``real`` that prints ``output`` and exits 1 (after ``delay`` seconds), as a broken
+    host would; the capability probes (--version, --help, --machine-readable, virt-customize's dry run)
+    still reach the real tool."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"broken-{real}"
     lines = "\n".join(output)
@@ -264,6 +282,7 @@ def failing_tool(directory: Path, real: str, *output: str) -> str:
         'for arg in "$@"; do\n'
         '  case "$arg" in --version|--help|--machine-readable|-n) exec ' + real + ' "$@";; esac\n'
         "done\n"
+        f"sleep {delay}\n"
         f"cat <<'EOF'\n{lines}\nEOF\n"
         "exit 1\n"
     )

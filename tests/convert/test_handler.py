@@ -17,7 +17,8 @@ from vmferry.adapters.openstack.client import OpenStackAdapter
 from vmferry.bus.cloudevents import CloudEvent
 from vmferry.bus.errors import PermanentError, RetryableError
 from vmferry.bus.handles import BusHandle
-from vmferry.functions.convert import Convert, ProgressReporter, conversion_failure, definition
+from vmferry.functions.convert import Convert, definition
+from vmferry.functions.convert_support import ProgressReporter, conversion_failure
 from vmferry.schemas.base import vm_key_for
 from vmferry.schemas.events import ConversionDone, DiskInfo, GuestInspection, SyncedVolume, VmSynced
 from vmferry.schemas.request import (
