@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from vmferry.adapters.conversion import (
@@ -62,8 +63,9 @@ from vmferry.functions.convert_support import (
     work_dir,
 )
 from vmferry.functions.guards import is_cancelled
-from vmferry.functions.inspection import Inspector, wants_inspection
-from vmferry.schemas.events import ConversionDone, GuestInspection, VmSynced
+from vmferry.functions.inspection import Inspector, cutover_began, wants_inspection
+from vmferry.functions.settle import cutover_if_due
+from vmferry.schemas.events import ConversionDone, CutoverRequested, GuestInspection, VmSynced
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ class Convert:
         if not synced.final:
             if wants_inspection(synced) and not await self._cancelled(synced):
                 await self.inspector()(event, context)
+                return await self._cutover_after_inspection(event)
             return []
         if await self._cancelled(synced):
             return []
@@ -143,6 +146,15 @@ class Convert:
             await clones.release(adapter, server_id, disk.volume_id)
         await progress.report(100.0, "converted", force=True)
         return [done_event(synced, [d.volume_id for d in disks], mark.inspection, mark.log_ref)]
+
+    async def _cutover_after_inspection(self, event: CloudEvent[VmSynced]) -> list[Emit]:
+        """The inspection raised nothing: the cutover policy applies now (settle left it to us),
+        unless a cutover began meanwhile (an operator's)."""
+        synced = event.data
+        state, _ = await self.bus.state.get(synced.vm_key)
+        if cutover_began(state, event.time):
+            return []
+        return cutover_if_due(synced.request_id, synced.vm_key, synced.plan, False, datetime.now(UTC))
 
     def inspector(self) -> Inspector:
         """The pre-flight inspection, on the same conversion host and settings."""
@@ -290,7 +302,7 @@ def definition(handler: Convert, concurrency: int | None = None) -> FunctionDef[
     return FunctionDef(
         name=STEP,
         consumes=VmSynced,
-        emits=(ConversionDone,),
+        emits=(ConversionDone, CutoverRequested),
         handler=handler,
         concurrency=concurrency or 2,
         ack_wait=60.0,

@@ -12,6 +12,7 @@ it, the source is powered on again so the workload runs while an operator looks 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from vmferry.schemas.events import CbtDeltaRequested, CutoverRequested, Migratio
 from vmferry.schemas.state import SourcePower, VmState
 
 ClientFactory = Callable[[str], Awaitable[AsyncVsphere]]
+log = logging.getLogger(__name__)
 #: how long a cutover waits before looking again at a precopy pass in flight
 PASS_IN_FLIGHT_DELAY = 20.0
 
@@ -69,6 +71,11 @@ class Cutover:
         if await is_cancelled(self.bus, asked.vm_key, asked.request_id, "cutover"):
             return []
         state, _ = await self.bus.state.get(asked.vm_key)
+        power = state.source_power if state is not None else None
+        if power is not None and power.restored_at is None and power.cutover_event not in ("", event.id):
+            log.info("%s is already being cut over (%s); %s changes nothing", asked.vm_key,
+                     power.cutover_event, event.id)  # fmt: skip
+            return []
         if _in_flight(state):
             raise RetryableError(
                 f"precopy pass {state.pass_no if state else 0} of {asked.vm_key} is still copying",
@@ -83,6 +90,7 @@ class Cutover:
             instance_uuid=uuid,
             powered_off_at=datetime.now(UTC),
             power_on_on_failure=asked.plan.cutover.power_on_source_on_failure,
+            cutover_event=event.id,
         )
         remembered, _ = await self.bus.state.update(asked.vm_key, _remember_power(asked.vm_key, record))
         await context.heartbeat()

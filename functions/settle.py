@@ -22,6 +22,7 @@ from vmferry.bus.function import Emit, FunctionDef, StepContext
 from vmferry.bus.handles import BusHandle
 from vmferry.functions.guards import is_cancelled
 from vmferry.schemas.events import CutoverRequested, SyncedVolume, VmSynced, VolumeSynced
+from vmferry.schemas.request import MigrationPlan
 from vmferry.schemas.state import PassSync, SyncedDisk, VmState
 
 ClientFactory = Callable[[str], Awaitable[AsyncVsphere]]
@@ -50,6 +51,30 @@ def record_disk(synced: VolumeSynced) -> Callable[[VmState | None], VmState | No
         return msgspec.structs.replace(state, sync=sync, passes_synced=passes)
 
     return mutate
+
+
+def inspects_before_cutover(plan: MigrationPlan) -> bool:
+    """A warm migration whose guest is inspected after the first pass, before any cutover."""
+    options = plan.options
+    return plan.mode == "warm" and options.conversion != "skip" and options.inspect_before_cutover
+
+
+def cutover_if_due(
+    request_id: str, vm_key: str, plan: MigrationPlan, final: bool, now: datetime
+) -> list[Emit]:
+    """cutover.requested after a precopy pass when the policy says now (immediate, or scheduled and due)."""
+    policy = plan.cutover
+    if final or plan.mode == "cold":
+        return []
+    due = policy.when == "immediate" or (
+        policy.when == "scheduled" and policy.at is not None and policy.at <= now
+    )
+    if not due:
+        return []
+    cutover = CutoverRequested(
+        request_id=request_id, vm_key=vm_key, plan=plan, requested_by=f"cutover policy: {policy.when}"
+    )
+    return [Emit(vm_key, cutover)]
 
 
 def _volumes_in_disk_order(synced: VolumeSynced, sync: PassSync) -> list[SyncedVolume]:
@@ -102,22 +127,11 @@ class Settle:
         await client.release_pass(moref, synced.request_id, synced.pass_no)
 
     def _next_step(self, synced: VolumeSynced) -> list[Emit]:
-        """After a precopy pass: cutover now if the policy says so."""
-        policy = synced.plan.cutover
-        if synced.final or synced.plan.mode == "cold":
+        """After a precopy pass: cutover now if the policy says so (after the first pass of a warm
+        migration that inspects the guest, convert asks once the inspection passed)."""
+        if synced.pass_no == 1 and inspects_before_cutover(synced.plan):
             return []
-        due = policy.when == "immediate" or (
-            policy.when == "scheduled" and policy.at is not None and policy.at <= self.clock()
-        )
-        if not due:
-            return []
-        cutover = CutoverRequested(
-            request_id=synced.request_id,
-            vm_key=synced.vm_key,
-            plan=synced.plan,
-            requested_by=f"cutover policy: {policy.when}",
-        )
-        return [Emit(synced.vm_key, cutover)]
+        return cutover_if_due(synced.request_id, synced.vm_key, synced.plan, synced.final, self.clock())
 
 
 def definition(handler: Settle, concurrency: int | None = None) -> FunctionDef[VolumeSynced]:

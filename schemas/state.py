@@ -97,6 +97,8 @@ class SourcePower(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     instance_uuid: str
     powered_off_at: datetime
     power_on_on_failure: bool = True
+    #: the cutover.requested that did it (a second request meanwhile changes nothing)
+    cutover_event: str = ""
     #: set when the source was powered on again after a failure
     restored_at: datetime | None = None
 

@@ -20,7 +20,14 @@ from vmferry.bus.handles import BusHandle
 from vmferry.functions.convert import Convert, definition
 from vmferry.functions.convert_support import ProgressReporter, conversion_failure
 from vmferry.schemas.base import vm_key_for
-from vmferry.schemas.events import ConversionDone, DiskInfo, GuestInspection, SyncedVolume, VmSynced
+from vmferry.schemas.events import (
+    ConversionDone,
+    CutoverRequested,
+    DiskInfo,
+    GuestInspection,
+    SyncedVolume,
+    VmSynced,
+)
 from vmferry.schemas.request import (
     ConversionMode,
     DestinationRef,
@@ -93,7 +100,7 @@ def test_definition_heartbeats_well_inside_the_ack_wait(work_root: Path) -> None
     function = definition(offline_handler(work_root))
     assert function.name == "convert"
     assert function.consumes is VmSynced
-    assert function.emits == (ConversionDone,)
+    assert function.emits == (ConversionDone, CutoverRequested)
     assert function.ack_wait <= 60
     assert function.heartbeat_interval * 3 <= function.ack_wait
 

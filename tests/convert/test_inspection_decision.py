@@ -22,7 +22,7 @@ from vmferry.functions.convert import Convert
 from vmferry.functions.convert_support import with_progress
 from vmferry.functions.inspection import STEP, inspection_failure, wants_inspection
 from vmferry.schemas.base import vm_key_for
-from vmferry.schemas.events import DiskInfo, SyncedVolume, VmSynced
+from vmferry.schemas.events import CutoverRequested, DiskInfo, SyncedVolume, VmSynced
 from vmferry.schemas.request import (
     ConversionMode,
     DestinationRef,
@@ -131,7 +131,9 @@ async def test_a_redelivery_after_success_does_not_inspect_again(bus: BusHandle,
     done = StepProgress(percent=100.0, detail="debian 12.5, root /dev/sda1", at=datetime.now(UTC))
     await record(bus, event.data.vm_key, done)
 
-    assert await handler(bus, work_root)(event, Step(delivery=2)) == []
+    emits = await handler(bus, work_root)(event, Step(delivery=2))
+    # nothing is inspected again; the cutover policy (immediate by default) applies as after success
+    assert [type(e.data) for e in emits] == [CutoverRequested]
 
     state, _ = await bus.state.get(event.data.vm_key)
     assert state is not None

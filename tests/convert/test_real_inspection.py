@@ -24,6 +24,7 @@ from vmferry.bus.errors import PermanentError
 from vmferry.bus.handles import LOG_SCHEME, BusHandle
 from vmferry.bus.naming import Naming
 from vmferry.functions.inspection import STEP
+from vmferry.schemas.events import CutoverRequested
 from vmferry.schemas.state import StepProgress
 
 pytestmark = [pytest.mark.guest_conversion, pytest.mark.timeout(1800)]
@@ -100,7 +101,8 @@ async def test_a_debian_guest_is_inspected_once_and_nothing_is_emitted(
     step = Step()
     convert = handler(vm.adapter, bus, openstack_lab, conversion_host, work_root, heartbeat_every=10)
     try:
-        assert await convert(event, step) == [], "an inspection emits nothing"
+        emitted = await convert(event, step)
+        assert [type(e.data) for e in emitted] == [CutoverRequested], "then the immediate policy's cutover"
         await asyncio.sleep(0.5)  # let the watcher see the last write
     finally:
         watcher.cancel()
@@ -137,7 +139,7 @@ async def test_a_debian_guest_is_inspected_once_and_nothing_is_emitted(
     )
     again = Step(delivery=2)
     redelivered = handler(vm.adapter, bus, openstack_lab, conversion_host, work_root, never)
-    assert await redelivered(event, again) == []
+    assert [type(e.data) for e in await redelivered(event, again)] == [CutoverRequested]
     assert again.beats == 0
     state, _ = await bus.state.get(vm.vm_key)
     assert state is not None

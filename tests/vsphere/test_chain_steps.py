@@ -102,7 +102,7 @@ async def test_the_disk_completing_a_pass_releases_its_snapshot_and_emits_vm_syn
     lab: Lab, clients: VsphereClients, bus: BusHandle
 ) -> None:
     lab.create_vm(VmSpec(name="pair", disks=(MIB, 2 * MIB)))
-    vm = await discovered(clients, request({"name": "pair"}, mode="warm"))
+    vm = await discovered(clients, request({"name": "pair"}, mode="warm", options={"conversion": "skip"}))
     ready = await first_pass(clients, vm)
     settle = Settle(clients, bus)
     first, second = (event(synced(r)) for r in ready)
@@ -139,6 +139,32 @@ async def test_a_manual_cutover_policy_waits_and_stale_passes_change_nothing(
     assert await settle(event(stale), Step()) == []
     state, _ = await bus.state.get(vm.vm_key)
     assert state is not None and state.sync is not None and state.sync.pass_no == 1
+
+
+async def test_after_the_first_pass_an_inspecting_migration_leaves_cutover_to_the_inspection(
+    lab: Lab, clients: VsphereClients, bus: BusHandle
+) -> None:
+    lab.create_vm(VmSpec(name="inspected", disks=(MIB,)))
+    vm = await discovered(clients, request({"name": "inspected"}, mode="warm"))
+    [ready] = await first_pass(clients, vm)
+    done = payloads(await Settle(clients, bus)(event(synced(ready)), Step()))
+    assert [type(d) for d in done] == [VmSynced], "convert asks for cutover once the guest passed inspection"
+
+
+async def test_a_second_cutover_request_changes_nothing_while_the_first_holds(
+    lab: Lab, clients: VsphereClients, bus: BusHandle
+) -> None:
+    made = lab.create_vm(VmSpec(name="twice"))
+    vm = await discovered(clients, request({"name": "twice"}, mode="warm"))
+    client = await clients("lab")
+    await client.run(start_vm, made._moId)
+    asked = CutoverRequested(request_id=vm.request_id, vm_key=vm.vm_key, plan=vm.plan)
+    cutover = Cutover(clients, bus)
+
+    [first] = await cutover(event(asked, "first"), Step())
+    assert await cutover(event(asked, "second"), Step()) == []
+    again = await cutover(event(asked, "first"), Step(delivery=2))  # a redelivery of the first goes on
+    assert [e.data for e in again] == [first.data]
 
 
 async def test_cutover_stops_the_source_asks_for_the_final_pass_and_restore_powers_it_back_on(
